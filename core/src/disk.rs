@@ -1,0 +1,97 @@
+//! The disk trait every storage backend implements: real files on Linux (`walrus::disk`) and the
+//! fault-injecting simulated disk (`walrus-io-sim`). Defining a trait does no I/O, so it lives
+//! here where both shells can reach it without depending on each other.
+//!
+//! Contract: a write is durable only after a `sync_data` (or a `write_batch` with `sync = true`)
+//! that started after it returned; until then a crash may drop it or tear it at a 512-byte
+//! boundary. A created file's directory entry is durable only after `sync_dir` on its parent.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One file of a [`Disk`].
+pub trait DiskFile: Send + Sync + 'static {
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Fills `buf` from `pos`; reading past the end is an `UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()>;
+    /// Writes all of `data` at `pos`, growing the file if needed.
+    fn write_all_at(&self, data: &[u8], pos: u64) -> io::Result<()>;
+    /// Makes every completed write to this file durable.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Truncates or extends (with zeros) the file to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// One write of a group commit: `data` at `pos` in `file`.
+pub struct WriteOp<'a, F> {
+    /// The file written.
+    pub file: &'a Arc<F>,
+    /// Byte position in the file.
+    pub pos: u64,
+    /// The bytes.
+    pub data: &'a [u8],
+}
+
+/// A directory tree of files. Paths are absolute or relative to the process; the simulated disk
+/// treats them as plain keys.
+pub trait Disk: Send + Sync + 'static {
+    /// The file handle type.
+    type File: DiskFile;
+
+    /// Opens `path`, creating an empty file when `create` is set and it does not exist.
+    fn open(&self, path: &Path, create: bool) -> io::Result<Arc<Self::File>>;
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Names of the entries of a directory (files and directories), in no particular order.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Whether `path` is a directory.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Removes a file.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the entries of a directory (created and removed files) durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+
+    /// Group commit: performs every write, then, when `sync` is set, makes every written file
+    /// durable. Returns one result per op; an op is `Ok` only if its write and (when asked) the
+    /// sync of its file both succeeded. The default does the writes one by one and syncs each
+    /// distinct file once; backends with a better primitive (io_uring's linked fsync) override it.
+    fn write_batch(&self, ops: &[WriteOp<'_, Self::File>], sync: bool) -> Vec<io::Result<()>> {
+        let mut results: Vec<io::Result<()>> = ops
+            .iter()
+            .map(|op| op.file.write_all_at(op.data, op.pos))
+            .collect();
+        if sync {
+            let mut synced: Vec<(*const Self::File, Option<io::ErrorKind>, String)> = Vec::new();
+            for (i, op) in ops.iter().enumerate() {
+                let key = Arc::as_ptr(op.file);
+                let outcome = match synced.iter().find(|(k, _, _)| *k == key) {
+                    Some((_, kind, msg)) => kind.map(|k| io::Error::new(k, msg.clone())),
+                    None => {
+                        let r = op.file.sync_data();
+                        let (kind, msg) = match &r {
+                            Ok(()) => (None, String::new()),
+                            Err(e) => (Some(e.kind()), e.to_string()),
+                        };
+                        synced.push((key, kind, msg));
+                        r.err()
+                    }
+                };
+                if let (Some(e), Ok(())) = (outcome, &results[i]) {
+                    results[i] = Err(e);
+                }
+            }
+        }
+        results
+    }
+}
+
+/// Joins a directory and a file name (a helper so callers need not import `PathBuf`).
+pub fn join(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}

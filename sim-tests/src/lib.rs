@@ -1,0 +1,1 @@
+//! The `sim-tests` crate: deterministic fault-injection runs of the whole cluster.

@@ -1,0 +1,1 @@
+//! The `walrus-spec` crate: `DistributedWalrus.tla` and stateright models of the same invariants.

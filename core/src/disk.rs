@@ -7,7 +7,7 @@
 //! boundary. A created file's directory entry is durable only after `sync_dir` on its parent.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// One file of a [`Disk`].
@@ -26,6 +26,23 @@ pub trait DiskFile: Send + Sync + 'static {
     fn sync_data(&self) -> io::Result<()>;
     /// Truncates or extends (with zeros) the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Calls `f` with the bytes `pos..pos + len` (an error if they are not all in the file).
+    /// Backends that can lend the bytes without a copy (an mmap) do so.
+    fn read_with<R>(&self, pos: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, pos)?;
+        Ok(f(&buf))
+    }
+    /// Reads the whole file.
+    fn read_all(&self) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(self.len()?)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+    /// A hint that nobody will read this file soon: a backend may drop cached mappings.
+    fn release_cache(&self) {}
 }
 
 /// One write of a group commit: `data` at `pos` in `file`.
@@ -54,6 +71,8 @@ pub trait Disk: Send + Sync + 'static {
     fn is_dir(&self, path: &Path) -> bool;
     /// Removes a file.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file within one directory.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the entries of a directory (created and removed files) durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
 
@@ -62,36 +81,32 @@ pub trait Disk: Send + Sync + 'static {
     /// sync of its file both succeeded. The default does the writes one by one and syncs each
     /// distinct file once; backends with a better primitive (io_uring's linked fsync) override it.
     fn write_batch(&self, ops: &[WriteOp<'_, Self::File>], sync: bool) -> Vec<io::Result<()>> {
-        let mut results: Vec<io::Result<()>> = ops
-            .iter()
-            .map(|op| op.file.write_all_at(op.data, op.pos))
-            .collect();
-        if sync {
-            let mut synced: Vec<(*const Self::File, Option<io::ErrorKind>, String)> = Vec::new();
-            for (i, op) in ops.iter().enumerate() {
-                let key = Arc::as_ptr(op.file);
-                let outcome = match synced.iter().find(|(k, _, _)| *k == key) {
-                    Some((_, kind, msg)) => kind.map(|k| io::Error::new(k, msg.clone())),
-                    None => {
-                        let r = op.file.sync_data();
-                        let (kind, msg) = match &r {
-                            Ok(()) => (None, String::new()),
-                            Err(e) => (Some(e.kind()), e.to_string()),
-                        };
-                        synced.push((key, kind, msg));
-                        r.err()
-                    }
-                };
-                if let (Some(e), Ok(())) = (outcome, &results[i]) {
-                    results[i] = Err(e);
-                }
-            }
-        }
-        results
+        write_batch_sequential(ops, sync)
     }
 }
 
-/// Joins a directory and a file name (a helper so callers need not import `PathBuf`).
-pub fn join(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
+/// The plain group commit: every write in order, then one `sync_data` per distinct file. An op
+/// fails if its write failed or its file's sync failed.
+pub fn write_batch_sequential<F: DiskFile>(ops: &[WriteOp<'_, F>], sync: bool) -> Vec<io::Result<()>> {
+    let mut results: Vec<io::Result<()>> =
+        ops.iter().map(|op| op.file.write_all_at(op.data, op.pos)).collect();
+    if sync {
+        let mut synced: Vec<(*const F, Option<(io::ErrorKind, String)>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let key = Arc::as_ptr(op.file);
+            let failure = match synced.iter().find(|(k, _)| *k == key) {
+                Some((_, failure)) => failure.clone(),
+                None => {
+                    let failure = op.file.sync_data().err().map(|e| (e.kind(), e.to_string()));
+                    synced.push((key, failure.clone()));
+                    failure
+                }
+            };
+            if let (Some((kind, msg)), Ok(())) = (failure, &results[i]) {
+                results[i] = Err(io::Error::new(kind, msg));
+            }
+        }
+    }
+    results
 }
+

@@ -1,0 +1,925 @@
+//! The storage engine behind `Walrus`: topics as chains of segment files, appends, group commit,
+//! reads by offset, checkpointed cursors and recovery. Generic over the `Disk` so the same code
+//! runs on real files and on the simulated disk of the crash tests.
+//!
+//! Invariants (each is what a reader or recovery relies on):
+//! - Offsets of a topic are `first, first + 1, …` with no gaps; a batch lands in one segment.
+//! - `visible` only moves forward and only past bytes that are completely written (and, under
+//!   `SyncEach`, synced): readers never see a partial or, under `SyncEach`, a volatile entry.
+//! - A persisted cursor never points past durable data (its data is synced first), so a crash
+//!   can never make a cursor skip entries appended later at the same offsets.
+//! - After a failed write the topic rewinds to its last good entry and zeroes everything written
+//!   past it before appending again, so no stale record can line up behind a new one.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use walrus_core::disk::{Disk, DiskFile, WriteOp};
+use walrus_core::limits::{BATCH_BYTES_MAX, BATCH_ENTRIES_MAX, ENTRY_PAYLOAD_MAX, INDEX_INTERVAL_BYTES};
+use walrus_core::topic::validate_topic_name;
+use walrus_core::wal::cursor::{recover_cursor, CursorSlot, CURSOR_FILE_LEN};
+use walrus_core::wal::record::{decode_record, encode_record, encoded_len, RecordError, FLAG_BATCH_CONTINUES};
+use walrus_core::wal::segment::{
+    encode_segment_header, parse_segment_file_name, scan_segment, segment_file_name, ScanStop,
+    SEGMENT_HEADER_LEN,
+};
+
+use crate::{Entry, FsyncSchedule, ReadConsistency};
+
+/// First allocation of a new segment file; it doubles as it fills, up to the segment size.
+const SEGMENT_INITIAL_BYTES: u64 = 4 << 10;
+/// Requests one group commit takes at most.
+const GROUP_COMMIT_REQUESTS_MAX: usize = 1024;
+/// Bytes one group commit takes at most (it takes at least one request, whatever its size).
+const GROUP_COMMIT_BYTES_MAX: usize = 64 << 20;
+/// Capacity of the queue in front of the group-commit thread.
+const WAL_QUEUE_DEPTH: usize = 4096;
+/// Bytes read from a segment per step of a read.
+const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Name of a topic's cursor file.
+const CURSOR_FILE: &str = "cursor";
+
+static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
+/// Settings of one engine instance. Nothing here is process-global.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub root: PathBuf,
+    pub consistency: ReadConsistency,
+    pub fsync: FsyncSchedule,
+    pub segment_bytes: u64,
+    pub reclaim_consumed: bool,
+}
+
+pub(crate) struct Engine<D: Disk> {
+    disk: Arc<D>,
+    cfg: Config,
+    topics: RwLock<HashMap<String, Arc<Topic<D>>>>,
+    wal_tx: Option<SyncSender<Request<D>>>,
+}
+
+struct Segment<D: Disk> {
+    base: u64,
+    path: PathBuf,
+    file: Arc<D::File>,
+    /// Sparse `(offset, position)` points; may hold points past `visible_end` while a write is
+    /// in flight, never past the topic's assigned offsets.
+    index: Mutex<Vec<(u64, u64)>>,
+    /// One past the last visible entry of this segment.
+    visible_end: AtomicU64,
+    /// Byte position just past the last visible entry.
+    visible_pos: AtomicU64,
+}
+
+struct Topic<D: Disk> {
+    name: String,
+    dir: PathBuf,
+    write: Mutex<WriteState<D>>,
+    segments: RwLock<Vec<Arc<Segment<D>>>>,
+    /// One past the last entry readers may see.
+    visible: AtomicU64,
+    /// One past the last entry known durable.
+    durable: AtomicU64,
+    /// Generations up to this one have failed; the next append rewinds before writing.
+    poisoned_through: AtomicU64,
+    committed: Mutex<Committed<D>>,
+    cursor: Mutex<Cursor<D>>,
+}
+
+struct Committed<D: Disk> {
+    segment: Arc<Segment<D>>,
+    end_offset: u64,
+    end_pos: u64,
+}
+
+impl<D: Disk> Clone for Committed<D> {
+    fn clone(&self) -> Self {
+        Committed {
+            segment: self.segment.clone(),
+            end_offset: self.end_offset,
+            end_pos: self.end_pos,
+        }
+    }
+}
+
+struct WriteState<D: Disk> {
+    active: Arc<Segment<D>>,
+    next_offset: u64,
+    pos: u64,
+    /// Allocated (zero-filled) length of the active file.
+    file_len: u64,
+    /// Highest byte position ever written in the active segment: a rewind zeroes up to here.
+    high_water: u64,
+    last_index_pos: u64,
+    generation: u64,
+    /// Segments written since their last sync (for `Milliseconds` and cursor persistence).
+    unsynced: Vec<Arc<Segment<D>>>,
+}
+
+struct Cursor<D: Disk> {
+    next: u64,
+    hint: Option<(Arc<Segment<D>>, u64)>,
+    seq: u64,
+    unpersisted: u64,
+    file: Option<Arc<D::File>>,
+}
+
+struct Request<D: Disk> {
+    topic: Arc<Topic<D>>,
+    segment: Arc<Segment<D>>,
+    pos: u64,
+    data: Vec<u8>,
+    generation: u64,
+    end_offset: u64,
+    done: SyncSender<io::Result<()>>,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+fn corrupt(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks is a bug that already failed loudly; the data
+    // behind them stays consistent because every update is published last.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<D: Disk> Engine<D> {
+    /// Opens (recovering) the engine rooted at `cfg.root`. Returns the engine and, under
+    /// `SyncEach`, the receiver the group-commit thread must run on.
+    pub fn open(disk: Arc<D>, cfg: Config) -> io::Result<(Engine<D>, Option<WalWorker<D>>)> {
+        disk.create_dir_all(&cfg.root)?;
+        let (wal_tx, worker) = if matches!(cfg.fsync, FsyncSchedule::SyncEach) {
+            let (tx, rx) = mpsc::sync_channel(WAL_QUEUE_DEPTH);
+            (Some(tx), Some(WalWorker { disk: disk.clone(), rx }))
+        } else {
+            (None, None)
+        };
+        let engine = Engine {
+            disk,
+            cfg,
+            topics: RwLock::new(HashMap::new()),
+            wal_tx,
+        };
+        let mut names = engine.disk.list_dir(&engine.cfg.root)?;
+        names.sort();
+        for name in names {
+            let dir = engine.cfg.root.join(&name);
+            if validate_topic_name(&name).is_err() || !engine.disk.is_dir(&dir) {
+                continue;
+            }
+            if let Some(topic) = engine.recover_topic(&name, dir)? {
+                engine
+                    .topics
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, Arc::new(topic));
+            }
+        }
+        Ok((engine, worker))
+    }
+
+    pub fn fsync_schedule(&self) -> FsyncSchedule {
+        self.cfg.fsync
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    pub fn append(&self, topic: &str, payloads: &[&[u8]]) -> io::Result<u64> {
+        if payloads.is_empty() {
+            return Err(invalid("a batch needs at least one entry".into()));
+        }
+        if payloads.len() > BATCH_ENTRIES_MAX {
+            return Err(invalid(format!(
+                "batch of {} entries is over the limit of {BATCH_ENTRIES_MAX}",
+                payloads.len()
+            )));
+        }
+        let mut total = 0usize;
+        for p in payloads {
+            if p.len() > ENTRY_PAYLOAD_MAX {
+                return Err(invalid(format!(
+                    "entry of {} bytes is over the limit of {ENTRY_PAYLOAD_MAX}",
+                    p.len()
+                )));
+            }
+            total += encoded_len(p.len());
+        }
+        if total > BATCH_BYTES_MAX + BATCH_ENTRIES_MAX * encoded_len(0) {
+            return Err(invalid(format!("batch of {total} bytes is over the limit of {BATCH_BYTES_MAX}")));
+        }
+        let topic = self.topic_or_create(topic)?;
+        let mut st = lock(&topic.write);
+        if topic.poisoned_through.load(Ordering::Acquire) >= st.generation {
+            self.rewind(&topic, &mut st)?;
+        }
+        self.make_room(&topic, &mut st, total as u64)?;
+
+        let first = st.next_offset;
+        let mut buf = Vec::with_capacity(total);
+        let mut index_points = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            let rec_pos = st.pos + buf.len() as u64;
+            if rec_pos >= st.last_index_pos + INDEX_INTERVAL_BYTES || st.last_index_pos == 0 {
+                index_points.push((first + i as u64, rec_pos));
+                st.last_index_pos = rec_pos;
+            }
+            let flags = if i + 1 < payloads.len() { FLAG_BATCH_CONTINUES } else { 0 };
+            encode_record(&mut buf, first + i as u64, flags, p);
+        }
+        if !index_points.is_empty() {
+            lock(&st.active.index).extend_from_slice(&index_points);
+        }
+        let pos = st.pos;
+        let end_offset = first + payloads.len() as u64;
+        st.pos += buf.len() as u64;
+        st.next_offset = end_offset;
+        st.high_water = st.high_water.max(st.pos);
+        let segment = st.active.clone();
+
+        if let Some(tx) = &self.wal_tx {
+            let (done_tx, done_rx) = mpsc::sync_channel(1);
+            let req = Request {
+                topic: topic.clone(),
+                segment,
+                pos,
+                data: buf,
+                generation: st.generation,
+                end_offset,
+                done: done_tx,
+            };
+            if tx.send(req).is_err() {
+                topic.poisoned_through.fetch_max(st.generation, Ordering::AcqRel);
+                return Err(io::Error::other("group-commit thread has stopped"));
+            }
+            drop(st);
+            return done_rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
+                .map(|()| first);
+        }
+
+        match segment.file.write_all_at(&buf, pos) {
+            Ok(()) => {
+                if !st.unsynced.iter().any(|s| Arc::ptr_eq(s, &segment)) {
+                    st.unsynced.push(segment.clone());
+                }
+                topic.publish(&segment, end_offset, st.pos, false);
+                Ok(first)
+            }
+            Err(e) => {
+                topic.poisoned_through.fetch_max(st.generation, Ordering::AcqRel);
+                if let Err(z) = self.rewind(&topic, &mut st) {
+                    tracing::warn!(topic = %topic.name, error = %z, "rewind after a failed write failed; retrying on the next append");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes everything written to `topic` (or to every topic) durable now.
+    pub fn sync(&self, topic: Option<&str>) -> io::Result<()> {
+        let topics: Vec<Arc<Topic<D>>> = match topic {
+            Some(name) => self.topic(name).into_iter().collect(),
+            None => self.all_topics(),
+        };
+        let mut first_err = None;
+        for t in topics {
+            if let Err(e) = self.sync_topic(&t) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn sync_topic(&self, topic: &Topic<D>) -> io::Result<()> {
+        if matches!(self.cfg.fsync, FsyncSchedule::SyncEach | FsyncSchedule::NoFsync) {
+            return Ok(());
+        }
+        let (dirty, target) = {
+            let mut st = lock(&topic.write);
+            (std::mem::take(&mut st.unsynced), topic.visible.load(Ordering::Acquire))
+        };
+        for (i, seg) in dirty.iter().enumerate() {
+            if let Err(e) = seg.file.sync_data() {
+                let mut st = lock(&topic.write);
+                for s in &dirty[i..] {
+                    if !st.unsynced.iter().any(|u| Arc::ptr_eq(u, s)) {
+                        st.unsynced.push(s.clone());
+                    }
+                }
+                return Err(e);
+            }
+        }
+        topic.durable.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn make_room(&self, topic: &Topic<D>, st: &mut WriteState<D>, need: u64) -> io::Result<()> {
+        let header = SEGMENT_HEADER_LEN as u64;
+        if st.pos > header && st.pos + need > self.cfg.segment_bytes {
+            let seg = self.create_segment(&topic.dir, st.next_offset)?;
+            topic.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg.clone());
+            st.active = seg;
+            st.pos = header;
+            st.file_len = st.active.file.len()?;
+            st.high_water = header;
+            st.last_index_pos = 0;
+        }
+        if st.pos + need > st.file_len {
+            let want = (st.file_len * 2).max(SEGMENT_INITIAL_BYTES).min(self.cfg.segment_bytes);
+            let new_len = (st.pos + need).max(want).next_multiple_of(4096);
+            write_zeros(&*st.active.file, st.file_len, new_len)?;
+            st.file_len = new_len;
+        }
+        Ok(())
+    }
+
+    /// Rewinds a topic whose writes failed to its last committed entry and zeroes what was
+    /// written past it.
+    fn rewind(&self, topic: &Topic<D>, st: &mut WriteState<D>) -> io::Result<()> {
+        let c = lock(&topic.committed).clone();
+        if !Arc::ptr_eq(&c.segment, &st.active) {
+            // Segments opened after the committed one hold nothing acknowledged: remove them.
+            let mut segs = topic.segments.write().unwrap_or_else(|p| p.into_inner());
+            while let Some(last) = segs.last() {
+                if Arc::ptr_eq(last, &c.segment) {
+                    break;
+                }
+                let last = segs.pop().expect("loop checked the list is not empty");
+                self.disk.remove_file(&last.path)?;
+            }
+            drop(segs);
+            self.disk.sync_dir(&topic.dir)?;
+            st.active = c.segment.clone();
+            st.file_len = st.active.file.len()?;
+            st.high_water = st.file_len;
+        }
+        if st.high_water > c.end_pos {
+            write_zeros(&*st.active.file, c.end_pos, st.high_water)?;
+        }
+        st.pos = c.end_pos;
+        st.next_offset = c.end_offset;
+        st.high_water = c.end_pos;
+        let mut index = lock(&st.active.index);
+        index.retain(|&(o, _)| o < c.end_offset);
+        st.last_index_pos = index.last().map_or(0, |&(_, p)| p);
+        drop(index);
+        st.generation = topic.poisoned_through.load(Ordering::Acquire) + 1;
+        Ok(())
+    }
+
+    fn create_segment(&self, dir: &Path, base: u64) -> io::Result<Arc<Segment<D>>> {
+        let path = dir.join(segment_file_name(base));
+        let file = self.disk.open(&path, true)?;
+        file.set_len(0)?;
+        write_zeros(&*file, 0, SEGMENT_INITIAL_BYTES)?;
+        file.write_all_at(&encode_segment_header(base), 0)?;
+        if !matches!(self.cfg.fsync, FsyncSchedule::NoFsync) {
+            file.sync_data()?;
+            self.disk.sync_dir(dir)?;
+        }
+        Ok(Arc::new(Segment {
+            base,
+            path,
+            file,
+            index: Mutex::new(Vec::new()),
+            visible_end: AtomicU64::new(base),
+            visible_pos: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
+        }))
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    pub fn read_next(&self, name: &str, max_entries: usize, max_bytes: usize, checkpoint: bool) -> io::Result<Vec<Entry>> {
+        let Some(topic) = self.topic(name) else {
+            return Ok(Vec::new());
+        };
+        let mut cur = lock(&topic.cursor);
+        let hint = cur.hint.take();
+        let (entries, hint) = self.read_entries(&topic, cur.next, hint, max_entries, max_bytes)?;
+        let old = (cur.next, cur.unpersisted);
+        if checkpoint && !entries.is_empty() {
+            cur.next += entries.len() as u64;
+            cur.hint = hint;
+            if let Err(e) = self.after_advance(&topic, &mut cur, entries.len() as u64) {
+                (cur.next, cur.unpersisted) = old;
+                cur.hint = None;
+                return Err(e);
+            }
+        }
+        Ok(entries)
+    }
+
+    pub fn read_from(&self, name: &str, offset: u64, max_entries: usize, max_bytes: usize) -> io::Result<Vec<Entry>> {
+        match self.topic(name) {
+            None => Ok(Vec::new()),
+            Some(topic) => self.read_entries(&topic, offset, None, max_entries, max_bytes).map(|(e, _)| e),
+        }
+    }
+
+    fn after_advance(&self, topic: &Topic<D>, cur: &mut Cursor<D>, n: u64) -> io::Result<()> {
+        let persist = match self.cfg.consistency {
+            ReadConsistency::StrictlyAtOnce => true,
+            ReadConsistency::AtLeastOnce { persist_every } => {
+                cur.unpersisted += n;
+                cur.unpersisted >= u64::from(persist_every.max(1))
+            }
+        };
+        if persist {
+            self.persist_cursor(topic, cur)?;
+        }
+        Ok(())
+    }
+
+    fn persist_cursor(&self, topic: &Topic<D>, cur: &mut Cursor<D>) -> io::Result<()> {
+        let syncing = !matches!(self.cfg.fsync, FsyncSchedule::NoFsync);
+        // Never let a durable cursor point past durable data.
+        if syncing && topic.durable.load(Ordering::Acquire) < cur.next {
+            self.sync_topic(topic)?;
+        }
+        let file = match &cur.file {
+            Some(f) => f.clone(),
+            None => {
+                let f = self.disk.open(&topic.dir.join(CURSOR_FILE), true)?;
+                if f.len()? < CURSOR_FILE_LEN as u64 {
+                    f.set_len(CURSOR_FILE_LEN as u64)?;
+                    if syncing {
+                        f.sync_data()?;
+                        self.disk.sync_dir(&topic.dir)?;
+                    }
+                }
+                cur.file = Some(f.clone());
+                f
+            }
+        };
+        let slot = CursorSlot {
+            seq: cur.seq + 1,
+            next_offset: cur.next,
+        };
+        file.write_all_at(&slot.encode(), slot.file_pos())?;
+        if syncing {
+            file.sync_data()?;
+        }
+        cur.seq = slot.seq;
+        cur.unpersisted = 0;
+        if self.cfg.reclaim_consumed {
+            self.reclaim(topic, cur.next)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes segments every entry of which lies below the persisted cursor `upto`.
+    fn reclaim(&self, topic: &Topic<D>, upto: u64) -> io::Result<()> {
+        let committed = lock(&topic.committed).segment.clone();
+        let mut removed = false;
+        loop {
+            let mut segs = topic.segments.write().unwrap_or_else(|p| p.into_inner());
+            if segs.len() < 2 || segs[1].base > upto || Arc::ptr_eq(&segs[0], &committed) {
+                break;
+            }
+            let old = segs.remove(0);
+            drop(segs);
+            old.file.release_cache();
+            self.disk.remove_file(&old.path)?;
+            self.disk.sync_dir(&topic.dir)?;
+            removed = true;
+        }
+        if removed {
+            tracing::debug!(topic = %topic.name, upto, "reclaimed consumed segments");
+        }
+        Ok(())
+    }
+
+    fn read_entries(
+        &self,
+        topic: &Topic<D>,
+        from: u64,
+        hint: Option<(Arc<Segment<D>>, u64)>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> io::Result<(Vec<Entry>, Option<(Arc<Segment<D>>, u64)>)> {
+        let visible = topic.visible.load(Ordering::Acquire);
+        let mut out = Vec::new();
+        if from >= visible || max_entries == 0 {
+            return Ok((out, hint));
+        }
+        let (mut seg, mut pos) = match hint {
+            Some(h) => h,
+            None => self.locate(topic, from)?,
+        };
+        let mut offset = from;
+        let mut bytes = 0usize;
+        let mut full = false;
+        while !full && offset < visible && out.len() < max_entries && (out.is_empty() || bytes < max_bytes) {
+            let seg_end = seg.visible_end.load(Ordering::Acquire);
+            if offset >= seg_end {
+                let next = {
+                    let segs = topic.segments.read().unwrap_or_else(|p| p.into_inner());
+                    segs.iter().find(|s| s.base == offset).cloned()
+                };
+                match next {
+                    Some(n) => {
+                        seg.file.release_cache();
+                        seg = n;
+                        pos = SEGMENT_HEADER_LEN as u64;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let seg_pos_end = seg.visible_pos.load(Ordering::Acquire);
+            let span = ((seg_pos_end - pos) as usize).min(READ_CHUNK_BYTES);
+            let mut need_more: Option<usize> = None;
+            let step = seg.file.read_with(pos, span, |buf| -> io::Result<()> {
+                let mut at = 0usize;
+                while offset < seg_end && out.len() < max_entries && (out.is_empty() || bytes < max_bytes) {
+                    match decode_record(&buf[at..]) {
+                        Ok(r) => {
+                            if r.offset != offset {
+                                return Err(corrupt(format!(
+                                    "topic {}: record at byte {} of segment {} holds offset {}, expected {offset}",
+                                    topic.name, pos + at as u64, seg.base, r.offset
+                                )));
+                            }
+                            if !out.is_empty() && bytes + r.payload.len() > max_bytes {
+                                full = true;
+                                break;
+                            }
+                            bytes += r.payload.len();
+                            out.push(Entry { data: r.payload.to_vec() });
+                            at += r.encoded_len();
+                            offset += 1;
+                        }
+                        Err(RecordError::Truncated { needed, .. }) if at == 0 || needed as usize > span => {
+                            need_more = Some(needed as usize);
+                            break;
+                        }
+                        Err(RecordError::Truncated { .. }) => break,
+                        Err(e) => {
+                            return Err(corrupt(format!(
+                                "topic {}: entry {offset} in segment {} is unreadable: {e}",
+                                topic.name, seg.base
+                            )))
+                        }
+                    }
+                }
+                pos += at as u64;
+                Ok(())
+            })?;
+            step?;
+            if let Some(needed) = need_more {
+                if pos + needed as u64 > seg_pos_end {
+                    return Err(corrupt(format!(
+                        "topic {}: entry {offset} in segment {} runs past the written data",
+                        topic.name, seg.base
+                    )));
+                }
+                let (entry, len) = seg.file.read_with(pos, needed, |buf| match decode_record(buf) {
+                    Ok(r) if r.offset == offset => Ok((Entry { data: r.payload.to_vec() }, r.encoded_len())),
+                    Ok(r) => Err(corrupt(format!("topic {}: expected offset {offset}, found {}", topic.name, r.offset))),
+                    Err(e) => Err(corrupt(format!("topic {}: entry {offset} is unreadable: {e}", topic.name))),
+                })??;
+                if !out.is_empty() && bytes + entry.data.len() > max_bytes {
+                    break;
+                }
+                bytes += entry.data.len();
+                out.push(entry);
+                pos += len as u64;
+                offset += 1;
+            }
+        }
+        Ok((out, Some((seg, pos))))
+    }
+
+    /// Finds the segment and byte position of entry `offset` (which must be visible).
+    fn locate(&self, topic: &Topic<D>, offset: u64) -> io::Result<(Arc<Segment<D>>, u64)> {
+        let seg = {
+            let segs = topic.segments.read().unwrap_or_else(|p| p.into_inner());
+            let i = segs.partition_point(|s| s.base <= offset);
+            if i == 0 {
+                let first = segs.first().map_or(0, |s| s.base);
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("topic {}: offset {offset} was reclaimed; the first retained offset is {first}", topic.name),
+                ));
+            }
+            segs[i - 1].clone()
+        };
+        let (mut at, mut pos) = {
+            let index = lock(&seg.index);
+            let i = index.partition_point(|&(o, _)| o <= offset);
+            if i == 0 {
+                (seg.base, SEGMENT_HEADER_LEN as u64)
+            } else {
+                index[i - 1]
+            }
+        };
+        while at < offset {
+            let len = seg.file.read_with(pos, encoded_len(0), |h| {
+                let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                let o = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+                (o == at && len <= ENTRY_PAYLOAD_MAX).then_some(encoded_len(len))
+            })?;
+            let Some(len) = len else {
+                return Err(corrupt(format!("topic {}: index walk broke at offset {at}", topic.name)));
+            };
+            pos += len as u64;
+            at += 1;
+        }
+        Ok((seg, pos))
+    }
+
+    // ---------------------------------------------------------------- topics
+
+    pub fn topic_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.topics.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// `(first retained offset, end offset)` of a topic.
+    pub fn bounds(&self, name: &str) -> Option<(u64, u64)> {
+        let t = self.topic(name)?;
+        let first = t.segments.read().unwrap_or_else(|p| p.into_inner()).first().map_or(0, |s| s.base);
+        Some((first, t.visible.load(Ordering::Acquire)))
+    }
+
+    pub fn cursor_of(&self, name: &str) -> Option<u64> {
+        self.topic(name).map(|t| lock(&t.cursor).next)
+    }
+
+    fn topic(&self, name: &str) -> Option<Arc<Topic<D>>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    fn all_topics(&self) -> Vec<Arc<Topic<D>>> {
+        self.topics.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    fn topic_or_create(&self, name: &str) -> io::Result<Arc<Topic<D>>> {
+        if let Some(t) = self.topic(name) {
+            return Ok(t);
+        }
+        validate_topic_name(name).map_err(|e| invalid(e.to_string()))?;
+        let mut map = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get(name) {
+            return Ok(t.clone());
+        }
+        let dir = self.cfg.root.join(name);
+        self.disk.create_dir_all(&dir)?;
+        if !matches!(self.cfg.fsync, FsyncSchedule::NoFsync) {
+            self.disk.sync_dir(&self.cfg.root)?;
+        }
+        let seg = self.create_segment(&dir, 0)?;
+        let topic = Arc::new(Topic::new(name.to_string(), dir, vec![seg], 0, SEGMENT_HEADER_LEN as u64, SEGMENT_INITIAL_BYTES, None));
+        map.insert(name.to_string(), topic.clone());
+        Ok(topic)
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    fn recover_topic(&self, name: &str, dir: PathBuf) -> io::Result<Option<Topic<D>>> {
+        let mut bases: Vec<u64> = self.disk.list_dir(&dir)?.iter().filter_map(|n| parse_segment_file_name(n)).collect();
+        bases.sort_unstable();
+        let mut segments: Vec<Arc<Segment<D>>> = Vec::new();
+        let mut last_scan = None;
+        let mut expected: Option<u64> = None;
+        let mut broken = false;
+        for (i, &base) in bases.iter().enumerate() {
+            let path = dir.join(segment_file_name(base));
+            let is_last = i + 1 == bases.len();
+            if broken || expected.is_some_and(|e| e != base) {
+                if !broken {
+                    tracing::warn!(topic = name, segment = base, expected = ?expected, "gap in the segment chain; setting later segments aside");
+                }
+                broken = true;
+                self.disk.rename(&path, &dir.join(format!("{}.discarded", segment_file_name(base))))?;
+                continue;
+            }
+            let file = self.disk.open(&path, false)?;
+            let bytes = file.read_all()?;
+            let scan = scan_segment(&bytes, base);
+            drop(bytes);
+            if matches!(scan.stop, ScanStop::BadHeader(_) | ScanStop::BaseMismatch { .. }) && is_last && scan.dirty_end as usize <= SEGMENT_HEADER_LEN {
+                // A segment whose creation a crash interrupted: nothing was ever appended to it.
+                self.disk.remove_file(&path)?;
+                self.disk.sync_dir(&dir)?;
+                expected = Some(base);
+                continue;
+            }
+            if !scan.is_clean() {
+                let level_warn = !is_last || !matches!(scan.stop, ScanStop::BadRecord { error: RecordError::Truncated { .. } | RecordError::BadChecksum, .. } | ScanStop::Clean | ScanStop::OffsetMismatch { .. });
+                if level_warn {
+                    tracing::warn!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "segment damaged; recovery stops here");
+                } else {
+                    tracing::info!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "truncating a torn tail");
+                }
+            }
+            if matches!(scan.stop, ScanStop::BadHeader(_) | ScanStop::BaseMismatch { .. }) {
+                broken = true;
+                self.disk.rename(&path, &dir.join(format!("{}.discarded", segment_file_name(base))))?;
+                expected = Some(base);
+                continue;
+            }
+            let seg = Arc::new(Segment {
+                base,
+                path,
+                file,
+                index: Mutex::new(scan.index.clone()),
+                visible_end: AtomicU64::new(base + scan.entries),
+                visible_pos: AtomicU64::new(scan.valid_len),
+            });
+            expected = Some(base + scan.entries);
+            if !scan.is_clean() && !is_last {
+                broken = true;
+            }
+            segments.push(seg);
+            last_scan = Some(scan);
+        }
+        let next_offset = expected.unwrap_or(0);
+        // Zero the stale tail of the segment appends continue in.
+        let (pos, file_len) = match (segments.last(), &last_scan) {
+            (Some(seg), Some(scan)) => {
+                let len = seg.file.len()?;
+                if scan.dirty_end > scan.valid_len {
+                    write_zeros(&*seg.file, scan.valid_len, scan.dirty_end)?;
+                    seg.file.sync_data()?;
+                }
+                (scan.valid_len, len)
+            }
+            _ => {
+                let seg = self.create_segment(&dir, next_offset)?;
+                segments.push(seg);
+                (SEGMENT_HEADER_LEN as u64, SEGMENT_INITIAL_BYTES)
+            }
+        };
+        let first = segments[0].base;
+        let cursor = match self.disk.open(&dir.join(CURSOR_FILE), false) {
+            Ok(f) => {
+                let mut bytes = vec![0u8; CURSOR_FILE_LEN];
+                let n = f.len()?.min(CURSOR_FILE_LEN as u64) as usize;
+                f.read_exact_at(&mut bytes[..n], 0)?;
+                recover_cursor(&bytes).map(|slot| {
+                    let clamped = slot.next_offset.clamp(first, next_offset);
+                    if clamped != slot.next_offset {
+                        tracing::warn!(topic = name, stored = slot.next_offset, clamped, "cursor outside the recovered entries");
+                    }
+                    (CursorSlot { seq: slot.seq, next_offset: clamped }, f)
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let topic = Topic::new(name.to_string(), dir, segments, next_offset, pos, file_len, cursor);
+        if let Some(seg) = topic.segments.read().unwrap_or_else(|p| p.into_inner()).last() {
+            let mut st = lock(&topic.write);
+            st.last_index_pos = lock(&seg.index).last().map_or(0, |&(_, p)| p);
+        }
+        Ok(Some(topic))
+    }
+}
+
+impl<D: Disk> Topic<D> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: String,
+        dir: PathBuf,
+        segments: Vec<Arc<Segment<D>>>,
+        next_offset: u64,
+        pos: u64,
+        file_len: u64,
+        cursor: Option<(CursorSlot, Arc<D::File>)>,
+    ) -> Topic<D> {
+        let active = segments.last().expect("a topic always has a segment").clone();
+        let first = segments[0].base;
+        let (next, seq, file) = match cursor {
+            Some((slot, f)) => (slot.next_offset, slot.seq, Some(f)),
+            None => (first, 0, None),
+        };
+        Topic {
+            name,
+            dir,
+            segments: RwLock::new(segments),
+            visible: AtomicU64::new(next_offset),
+            durable: AtomicU64::new(next_offset),
+            poisoned_through: AtomicU64::new(0),
+            committed: Mutex::new(Committed {
+                segment: active.clone(),
+                end_offset: next_offset,
+                end_pos: pos,
+            }),
+            cursor: Mutex::new(Cursor {
+                next,
+                hint: None,
+                seq,
+                unpersisted: 0,
+                file,
+            }),
+            write: Mutex::new(WriteState {
+                active,
+                next_offset,
+                pos,
+                file_len,
+                high_water: pos,
+                last_index_pos: 0,
+                generation: 1,
+                unsynced: Vec::new(),
+            }),
+        }
+    }
+
+    /// Makes entries up to `end_offset` (ending at byte `end_pos` of `segment`) visible.
+    fn publish(&self, segment: &Arc<Segment<D>>, end_offset: u64, end_pos: u64, durable: bool) {
+        *lock(&self.committed) = Committed {
+            segment: segment.clone(),
+            end_offset,
+            end_pos,
+        };
+        segment.visible_pos.store(end_pos, Ordering::Release);
+        segment.visible_end.store(end_offset, Ordering::Release);
+        if durable {
+            self.durable.fetch_max(end_offset, Ordering::AcqRel);
+        }
+        self.visible.fetch_max(end_offset, Ordering::AcqRel);
+    }
+}
+
+/// Writes zeros over `from..to` of a file.
+fn write_zeros<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(ZEROS.len());
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// The group-commit thread of `SyncEach`: it takes every queued append, writes them with one
+/// `Disk::write_batch` (one linked fsync per file), and only then publishes and acknowledges.
+pub(crate) struct WalWorker<D: Disk> {
+    disk: Arc<D>,
+    rx: Receiver<Request<D>>,
+}
+
+impl<D: Disk> WalWorker<D> {
+    /// Runs until every sender is gone.
+    pub fn run(self) {
+        let mut batch: Vec<Request<D>> = Vec::new();
+        while let Ok(first) = self.rx.recv() {
+            let mut bytes = first.data.len();
+            batch.push(first);
+            while batch.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
+                match self.rx.try_recv() {
+                    Ok(r) => {
+                        bytes += r.data.len();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    fn commit(&self, batch: &mut Vec<Request<D>>) {
+        // Requests of a generation that already failed are refused without writing: they sit
+        // behind a hole.
+        let (live, dead): (Vec<Request<D>>, Vec<Request<D>>) = batch
+            .drain(..)
+            .partition(|r| r.generation > r.topic.poisoned_through.load(Ordering::Acquire));
+        for r in dead {
+            let _ = r.done.send(Err(io::Error::other("an earlier write to this topic failed; retry")));
+        }
+        let ops: Vec<WriteOp<'_, D::File>> = live
+            .iter()
+            .map(|r| WriteOp { file: &r.segment.file, pos: r.pos, data: &r.data })
+            .collect();
+        let results = self.disk.write_batch(&ops, true);
+        drop(ops);
+        for (r, res) in live.into_iter().zip(results) {
+            let dead = r.generation <= r.topic.poisoned_through.load(Ordering::Acquire);
+            let res = match res {
+                Ok(()) if dead => Err(io::Error::other("an earlier write to this topic failed; retry")),
+                Ok(()) => {
+                    r.topic.publish(&r.segment, r.end_offset, r.pos + r.data.len() as u64, true);
+                    Ok(())
+                }
+                Err(e) => {
+                    r.topic.poisoned_through.fetch_max(r.generation, Ordering::AcqRel);
+                    Err(e)
+                }
+            };
+            let _ = r.done.send(res);
+        }
+    }
+}

@@ -87,9 +87,14 @@ pub trait Disk: Send + Sync + 'static {
 
 /// The plain group commit: every write in order, then one `sync_data` per distinct file. An op
 /// fails if its write failed or its file's sync failed.
-pub fn write_batch_sequential<F: DiskFile>(ops: &[WriteOp<'_, F>], sync: bool) -> Vec<io::Result<()>> {
-    let mut results: Vec<io::Result<()>> =
-        ops.iter().map(|op| op.file.write_all_at(op.data, op.pos)).collect();
+pub fn write_batch_sequential<F: DiskFile>(
+    ops: &[WriteOp<'_, F>],
+    sync: bool,
+) -> Vec<io::Result<()>> {
+    let mut results: Vec<io::Result<()>> = ops
+        .iter()
+        .map(|op| op.file.write_all_at(op.data, op.pos))
+        .collect();
     if sync {
         let mut synced: Vec<(*const F, Option<(io::ErrorKind, String)>)> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -109,4 +114,3 @@ pub fn write_batch_sequential<F: DiskFile>(ops: &[WriteOp<'_, F>], sync: bool) -
     }
     results
 }
-

@@ -9,20 +9,26 @@ use walrus::{FsyncSchedule, ReadConsistency, Walrus};
 
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().unwrap_or_else(|| "./wal_files/quickstart".to_string());
+    let dir = args
+        .next()
+        .unwrap_or_else(|| "./wal_files/quickstart".to_string());
     let entries: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
     let _ = std::fs::remove_dir_all(&dir);
     let open = || {
         Walrus::builder()
             .data_dir(&dir)
-            .consistency(ReadConsistency::AtLeastOnce { persist_every: 10_000 })
+            .consistency(ReadConsistency::AtLeastOnce {
+                persist_every: 10_000,
+            })
             .fsync_schedule(FsyncSchedule::SyncEach)
             .build()
     };
 
     let wal = open()?;
     let started = Instant::now();
-    let batch: Vec<Vec<u8>> = (0..64).map(|i| format!("entry {i:>6}").into_bytes()).collect();
+    let batch: Vec<Vec<u8>> = (0..64)
+        .map(|i| format!("entry {i:>6}").into_bytes())
+        .collect();
     let refs: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();
     let mut written = 0;
     while written < entries {
@@ -37,7 +43,11 @@ fn main() -> std::io::Result<()> {
     drop(wal);
 
     let wal = open()?;
-    println!("reopened: topics {:?}, {} entries", wal.topics(), wal.entry_count("quickstart"));
+    println!(
+        "reopened: topics {:?}, {} entries",
+        wal.topics(),
+        wal.entry_count("quickstart")
+    );
     let started = Instant::now();
     let mut read = 0u64;
     loop {
@@ -51,7 +61,10 @@ fn main() -> std::io::Result<()> {
             read += 1;
         }
     }
-    println!("read back {read} entries, byte-exact, in {:.2?}", started.elapsed());
+    println!(
+        "read back {read} entries, byte-exact, in {:.2?}",
+        started.elapsed()
+    );
     assert_eq!(read, entries);
     Ok(())
 }

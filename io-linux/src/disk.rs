@@ -226,7 +226,10 @@ fn uring_batch(
     let mut in_flight = 0usize;
     const SYNC_TAG: u64 = 1 << 63;
 
-    let reap = |ring: &mut io_uring::IoUring, in_flight: &mut usize, done: &mut [bool], group_ok: &mut [bool]| {
+    let reap = |ring: &mut io_uring::IoUring,
+                in_flight: &mut usize,
+                done: &mut [bool],
+                group_ok: &mut [bool]| {
         if *in_flight == 0 {
             return;
         }

@@ -19,10 +19,14 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use walrus_core::disk::{Disk, DiskFile, WriteOp};
-use walrus_core::limits::{BATCH_BYTES_MAX, BATCH_ENTRIES_MAX, ENTRY_PAYLOAD_MAX, INDEX_INTERVAL_BYTES};
+use walrus_core::limits::{
+    BATCH_BYTES_MAX, BATCH_ENTRIES_MAX, ENTRY_PAYLOAD_MAX, INDEX_INTERVAL_BYTES,
+};
 use walrus_core::topic::validate_topic_name;
 use walrus_core::wal::cursor::{recover_cursor, CursorSlot, CURSOR_FILE_LEN};
-use walrus_core::wal::record::{decode_record, encode_record, encoded_len, RecordError, FLAG_BATCH_CONTINUES};
+use walrus_core::wal::record::{
+    decode_record, encode_record, encoded_len, RecordError, FLAG_BATCH_CONTINUES,
+};
 use walrus_core::wal::segment::{
     encode_segment_header, parse_segment_file_name, scan_segment, segment_file_name, ScanStop,
     SEGMENT_HEADER_LEN,
@@ -73,6 +77,8 @@ struct Segment<D: Disk> {
     visible_end: AtomicU64,
     /// Byte position just past the last visible entry.
     visible_pos: AtomicU64,
+    /// Byte position up to which the file is known synced (`Milliseconds` only).
+    synced_pos: AtomicU64,
 }
 
 struct Topic<D: Disk> {
@@ -159,7 +165,13 @@ impl<D: Disk> Engine<D> {
         disk.create_dir_all(&cfg.root)?;
         let (wal_tx, worker) = if matches!(cfg.fsync, FsyncSchedule::SyncEach) {
             let (tx, rx) = mpsc::sync_channel(WAL_QUEUE_DEPTH);
-            (Some(tx), Some(WalWorker { disk: disk.clone(), rx }))
+            (
+                Some(tx),
+                Some(WalWorker {
+                    disk: disk.clone(),
+                    rx,
+                }),
+            )
         } else {
             (None, None)
         };
@@ -214,7 +226,9 @@ impl<D: Disk> Engine<D> {
             total += encoded_len(p.len());
         }
         if total > BATCH_BYTES_MAX + BATCH_ENTRIES_MAX * encoded_len(0) {
-            return Err(invalid(format!("batch of {total} bytes is over the limit of {BATCH_BYTES_MAX}")));
+            return Err(invalid(format!(
+                "batch of {total} bytes is over the limit of {BATCH_BYTES_MAX}"
+            )));
         }
         let topic = self.topic_or_create(topic)?;
         let mut st = lock(&topic.write);
@@ -232,7 +246,11 @@ impl<D: Disk> Engine<D> {
                 index_points.push((first + i as u64, rec_pos));
                 st.last_index_pos = rec_pos;
             }
-            let flags = if i + 1 < payloads.len() { FLAG_BATCH_CONTINUES } else { 0 };
+            let flags = if i + 1 < payloads.len() {
+                FLAG_BATCH_CONTINUES
+            } else {
+                0
+            };
             encode_record(&mut buf, first + i as u64, flags, p);
         }
         if !index_points.is_empty() {
@@ -257,7 +275,9 @@ impl<D: Disk> Engine<D> {
                 done: done_tx,
             };
             if tx.send(req).is_err() {
-                topic.poisoned_through.fetch_max(st.generation, Ordering::AcqRel);
+                topic
+                    .poisoned_through
+                    .fetch_max(st.generation, Ordering::AcqRel);
                 return Err(io::Error::other("group-commit thread has stopped"));
             }
             drop(st);
@@ -276,7 +296,9 @@ impl<D: Disk> Engine<D> {
                 Ok(first)
             }
             Err(e) => {
-                topic.poisoned_through.fetch_max(st.generation, Ordering::AcqRel);
+                topic
+                    .poisoned_through
+                    .fetch_max(st.generation, Ordering::AcqRel);
                 if let Err(z) = self.rewind(&topic, &mut st) {
                     tracing::warn!(topic = %topic.name, error = %z, "rewind after a failed write failed; retrying on the next append");
                 }
@@ -301,23 +323,41 @@ impl<D: Disk> Engine<D> {
     }
 
     fn sync_topic(&self, topic: &Topic<D>) -> io::Result<()> {
-        if matches!(self.cfg.fsync, FsyncSchedule::SyncEach | FsyncSchedule::NoFsync) {
+        if matches!(
+            self.cfg.fsync,
+            FsyncSchedule::SyncEach | FsyncSchedule::NoFsync
+        ) {
             return Ok(());
         }
         let (dirty, target) = {
             let mut st = lock(&topic.write);
-            (std::mem::take(&mut st.unsynced), topic.visible.load(Ordering::Acquire))
+            let dirty: Vec<(Arc<Segment<D>>, u64)> = std::mem::take(&mut st.unsynced)
+                .into_iter()
+                .map(|s| {
+                    let end = s.visible_pos.load(Ordering::Acquire);
+                    (s, end)
+                })
+                .collect();
+            (dirty, topic.visible.load(Ordering::Acquire))
         };
-        for (i, seg) in dirty.iter().enumerate() {
+        for (i, (seg, end)) in dirty.iter().enumerate() {
             if let Err(e) = seg.file.sync_data() {
+                // After a failed fsync the kernel may have dropped the dirty pages while still
+                // serving them from cache: write the unsynced range again so that the next sync
+                // really covers it, rather than trusting a retry of the sync alone.
+                let from = seg.synced_pos.load(Ordering::Acquire);
+                if let Err(w) = rewrite_range(&*seg.file, from, *end) {
+                    tracing::warn!(topic = %topic.name, error = %w, "rewriting after a failed sync failed");
+                }
                 let mut st = lock(&topic.write);
-                for s in &dirty[i..] {
+                for (s, _) in &dirty[i..] {
                     if !st.unsynced.iter().any(|u| Arc::ptr_eq(u, s)) {
                         st.unsynced.push(s.clone());
                     }
                 }
                 return Err(e);
             }
+            seg.synced_pos.fetch_max(*end, Ordering::AcqRel);
         }
         topic.durable.fetch_max(target, Ordering::AcqRel);
         Ok(())
@@ -326,8 +366,22 @@ impl<D: Disk> Engine<D> {
     fn make_room(&self, topic: &Topic<D>, st: &mut WriteState<D>, need: u64) -> io::Result<()> {
         let header = SEGMENT_HEADER_LEN as u64;
         if st.pos > header && st.pos + need > self.cfg.segment_bytes {
-            let seg = self.create_segment(&topic.dir, st.next_offset)?;
-            topic.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg.clone());
+            tracing::debug!(topic = %topic.name, base = st.next_offset, "rolling to a new segment");
+            let seg = match self.create_segment(&topic.dir, st.next_offset) {
+                Ok(seg) => seg,
+                Err(e) => {
+                    // Best effort: recovery sets such a leftover aside anyway.
+                    let _ = self
+                        .disk
+                        .remove_file(&topic.dir.join(segment_file_name(st.next_offset)));
+                    return Err(e);
+                }
+            };
+            topic
+                .segments
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(seg.clone());
             st.active = seg;
             st.pos = header;
             st.file_len = st.active.file.len()?;
@@ -335,7 +389,9 @@ impl<D: Disk> Engine<D> {
             st.last_index_pos = 0;
         }
         if st.pos + need > st.file_len {
-            let want = (st.file_len * 2).max(SEGMENT_INITIAL_BYTES).min(self.cfg.segment_bytes);
+            let want = (st.file_len * 2)
+                .max(SEGMENT_INITIAL_BYTES)
+                .min(self.cfg.segment_bytes);
             let new_len = (st.pos + need).max(want).next_multiple_of(4096);
             write_zeros(&*st.active.file, st.file_len, new_len)?;
             st.file_len = new_len;
@@ -347,6 +403,7 @@ impl<D: Disk> Engine<D> {
     /// written past it.
     fn rewind(&self, topic: &Topic<D>, st: &mut WriteState<D>) -> io::Result<()> {
         let c = lock(&topic.committed).clone();
+        tracing::debug!(topic = %topic.name, to_offset = c.end_offset, segment = c.segment.base, pos = c.end_pos, from_offset = st.next_offset, active = st.active.base, "rewinding after a failed write");
         if !Arc::ptr_eq(&c.segment, &st.active) {
             // Segments opened after the committed one hold nothing acknowledged: remove them.
             let mut segs = topic.segments.write().unwrap_or_else(|p| p.into_inner());
@@ -364,7 +421,11 @@ impl<D: Disk> Engine<D> {
             st.high_water = st.file_len;
         }
         if st.high_water > c.end_pos {
+            // Durably: a stale record left behind the committed end (one that was written and
+            // synced but refused because an earlier write of its generation failed) must not
+            // survive a crash, or recovery would take it for the next entry.
             write_zeros(&*st.active.file, c.end_pos, st.high_water)?;
+            st.active.file.sync_data()?;
         }
         st.pos = c.end_pos;
         st.next_offset = c.end_offset;
@@ -383,10 +444,10 @@ impl<D: Disk> Engine<D> {
         file.set_len(0)?;
         write_zeros(&*file, 0, SEGMENT_INITIAL_BYTES)?;
         file.write_all_at(&encode_segment_header(base), 0)?;
-        if !matches!(self.cfg.fsync, FsyncSchedule::NoFsync) {
-            file.sync_data()?;
-            self.disk.sync_dir(dir)?;
-        }
+        // Even under `NoFsync`: a segment whose header or directory entry could vanish would
+        // leave a gap in the chain. It costs two syncs per segment, not per append.
+        file.sync_data()?;
+        self.disk.sync_dir(dir)?;
         Ok(Arc::new(Segment {
             base,
             path,
@@ -394,12 +455,19 @@ impl<D: Disk> Engine<D> {
             index: Mutex::new(Vec::new()),
             visible_end: AtomicU64::new(base),
             visible_pos: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
+            synced_pos: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
         }))
     }
 
     // ---------------------------------------------------------------- reads
 
-    pub fn read_next(&self, name: &str, max_entries: usize, max_bytes: usize, checkpoint: bool) -> io::Result<Vec<Entry>> {
+    pub fn read_next(
+        &self,
+        name: &str,
+        max_entries: usize,
+        max_bytes: usize,
+        checkpoint: bool,
+    ) -> io::Result<Vec<Entry>> {
         let Some(topic) = self.topic(name) else {
             return Ok(Vec::new());
         };
@@ -419,10 +487,18 @@ impl<D: Disk> Engine<D> {
         Ok(entries)
     }
 
-    pub fn read_from(&self, name: &str, offset: u64, max_entries: usize, max_bytes: usize) -> io::Result<Vec<Entry>> {
+    pub fn read_from(
+        &self,
+        name: &str,
+        offset: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Entry>> {
         match self.topic(name) {
             None => Ok(Vec::new()),
-            Some(topic) => self.read_entries(&topic, offset, None, max_entries, max_bytes).map(|(e, _)| e),
+            Some(topic) => self
+                .read_entries(&topic, offset, None, max_entries, max_bytes)
+                .map(|(e, _)| e),
         }
     }
 
@@ -449,13 +525,15 @@ impl<D: Disk> Engine<D> {
         let file = match &cur.file {
             Some(f) => f.clone(),
             None => {
+                // Until this setup has fully succeeded once, it is redone on every persist: a
+                // file whose directory entry was never synced could vanish in a crash.
                 let f = self.disk.open(&topic.dir.join(CURSOR_FILE), true)?;
                 if f.len()? < CURSOR_FILE_LEN as u64 {
                     f.set_len(CURSOR_FILE_LEN as u64)?;
-                    if syncing {
-                        f.sync_data()?;
-                        self.disk.sync_dir(&topic.dir)?;
-                    }
+                }
+                if syncing {
+                    f.sync_data()?;
+                    self.disk.sync_dir(&topic.dir)?;
                 }
                 cur.file = Some(f.clone());
                 f
@@ -472,19 +550,24 @@ impl<D: Disk> Engine<D> {
         cur.seq = slot.seq;
         cur.unpersisted = 0;
         if self.cfg.reclaim_consumed {
-            self.reclaim(topic, cur.next)?;
+            self.reclaim(topic, cur.next, &*file)?;
         }
         Ok(())
     }
 
     /// Deletes segments every entry of which lies below the persisted cursor `upto`.
-    fn reclaim(&self, topic: &Topic<D>, upto: u64) -> io::Result<()> {
+    fn reclaim(&self, topic: &Topic<D>, upto: u64, cursor_file: &D::File) -> io::Result<()> {
         let committed = lock(&topic.committed).segment.clone();
         let mut removed = false;
         loop {
             let mut segs = topic.segments.write().unwrap_or_else(|p| p.into_inner());
             if segs.len() < 2 || segs[1].base > upto || Arc::ptr_eq(&segs[0], &committed) {
                 break;
+            }
+            if !removed && matches!(self.cfg.fsync, FsyncSchedule::NoFsync) {
+                // The cursor must be durable before the data below it goes, or a crash could
+                // leave a cursor pointing into a deleted segment.
+                cursor_file.sync_data()?;
             }
             let old = segs.remove(0);
             drop(segs);
@@ -519,7 +602,11 @@ impl<D: Disk> Engine<D> {
         let mut offset = from;
         let mut bytes = 0usize;
         let mut full = false;
-        while !full && offset < visible && out.len() < max_entries && (out.is_empty() || bytes < max_bytes) {
+        while !full
+            && offset < visible
+            && out.len() < max_entries
+            && (out.is_empty() || bytes < max_bytes)
+        {
             let seg_end = seg.visible_end.load(Ordering::Acquire);
             if offset >= seg_end {
                 let next = {
@@ -583,11 +670,24 @@ impl<D: Disk> Engine<D> {
                         topic.name, seg.base
                     )));
                 }
-                let (entry, len) = seg.file.read_with(pos, needed, |buf| match decode_record(buf) {
-                    Ok(r) if r.offset == offset => Ok((Entry { data: r.payload.to_vec() }, r.encoded_len())),
-                    Ok(r) => Err(corrupt(format!("topic {}: expected offset {offset}, found {}", topic.name, r.offset))),
-                    Err(e) => Err(corrupt(format!("topic {}: entry {offset} is unreadable: {e}", topic.name))),
-                })??;
+                let (entry, len) =
+                    seg.file
+                        .read_with(pos, needed, |buf| match decode_record(buf) {
+                            Ok(r) if r.offset == offset => Ok((
+                                Entry {
+                                    data: r.payload.to_vec(),
+                                },
+                                r.encoded_len(),
+                            )),
+                            Ok(r) => Err(corrupt(format!(
+                                "topic {}: expected offset {offset}, found {}",
+                                topic.name, r.offset
+                            ))),
+                            Err(e) => Err(corrupt(format!(
+                                "topic {}: entry {offset} is unreadable: {e}",
+                                topic.name
+                            ))),
+                        })??;
                 if !out.is_empty() && bytes + entry.data.len() > max_bytes {
                     break;
                 }
@@ -630,7 +730,10 @@ impl<D: Disk> Engine<D> {
                 (o == at && len <= ENTRY_PAYLOAD_MAX).then_some(encoded_len(len))
             })?;
             let Some(len) = len else {
-                return Err(corrupt(format!("topic {}: index walk broke at offset {at}", topic.name)));
+                return Err(corrupt(format!(
+                    "topic {}: index walk broke at offset {at}",
+                    topic.name
+                )));
             };
             pos += len as u64;
             at += 1;
@@ -641,7 +744,13 @@ impl<D: Disk> Engine<D> {
     // ---------------------------------------------------------------- topics
 
     pub fn topic_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.topics.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut names: Vec<String> = self
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         names.sort();
         names
     }
@@ -649,7 +758,12 @@ impl<D: Disk> Engine<D> {
     /// `(first retained offset, end offset)` of a topic.
     pub fn bounds(&self, name: &str) -> Option<(u64, u64)> {
         let t = self.topic(name)?;
-        let first = t.segments.read().unwrap_or_else(|p| p.into_inner()).first().map_or(0, |s| s.base);
+        let first = t
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .map_or(0, |s| s.base);
         Some((first, t.visible.load(Ordering::Acquire)))
     }
 
@@ -658,11 +772,20 @@ impl<D: Disk> Engine<D> {
     }
 
     fn topic(&self, name: &str) -> Option<Arc<Topic<D>>> {
-        self.topics.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     fn all_topics(&self) -> Vec<Arc<Topic<D>>> {
-        self.topics.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn topic_or_create(&self, name: &str) -> io::Result<Arc<Topic<D>>> {
@@ -676,19 +799,45 @@ impl<D: Disk> Engine<D> {
         }
         let dir = self.cfg.root.join(name);
         self.disk.create_dir_all(&dir)?;
-        if !matches!(self.cfg.fsync, FsyncSchedule::NoFsync) {
-            self.disk.sync_dir(&self.cfg.root)?;
+        self.disk.sync_dir(&self.cfg.root)?;
+        // A cursor left by a topic whose segments did not survive would outrank the new one.
+        match self.disk.remove_file(&dir.join(CURSOR_FILE)) {
+            Ok(()) => self.disk.sync_dir(&dir)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         let seg = self.create_segment(&dir, 0)?;
-        let topic = Arc::new(Topic::new(name.to_string(), dir, vec![seg], 0, SEGMENT_HEADER_LEN as u64, SEGMENT_INITIAL_BYTES, None));
+        let topic = Arc::new(Topic::new(
+            name.to_string(),
+            dir,
+            vec![seg],
+            0,
+            SEGMENT_HEADER_LEN as u64,
+            SEGMENT_INITIAL_BYTES,
+            None,
+        ));
         map.insert(name.to_string(), topic.clone());
         Ok(topic)
     }
 
     // ---------------------------------------------------------------- recovery
 
+    /// Renames a segment that recovery cannot use to `<name>.discarded`, durably, so it is
+    /// kept for inspection but never read again.
+    fn set_aside(&self, dir: &Path, base: u64) -> io::Result<()> {
+        let name = segment_file_name(base);
+        self.disk
+            .rename(&dir.join(&name), &dir.join(format!("{name}.discarded")))?;
+        self.disk.sync_dir(dir)
+    }
+
     fn recover_topic(&self, name: &str, dir: PathBuf) -> io::Result<Option<Topic<D>>> {
-        let mut bases: Vec<u64> = self.disk.list_dir(&dir)?.iter().filter_map(|n| parse_segment_file_name(n)).collect();
+        let mut bases: Vec<u64> = self
+            .disk
+            .list_dir(&dir)?
+            .iter()
+            .filter_map(|n| parse_segment_file_name(n))
+            .collect();
         bases.sort_unstable();
         let mut segments: Vec<Arc<Segment<D>>> = Vec::new();
         let mut last_scan = None;
@@ -697,19 +846,35 @@ impl<D: Disk> Engine<D> {
         for (i, &base) in bases.iter().enumerate() {
             let path = dir.join(segment_file_name(base));
             let is_last = i + 1 == bases.len();
+            if !broken && expected.is_some_and(|e| base < e) {
+                // Overlaps the segment before it: the leftover of a roll whose creation failed
+                // (nothing is appended to a segment before its creation succeeded).
+                tracing::info!(
+                    topic = name,
+                    segment = base,
+                    "setting aside a segment left by a failed roll"
+                );
+                self.set_aside(&dir, base)?;
+                continue;
+            }
             if broken || expected.is_some_and(|e| e != base) {
                 if !broken {
                     tracing::warn!(topic = name, segment = base, expected = ?expected, "gap in the segment chain; setting later segments aside");
                 }
                 broken = true;
-                self.disk.rename(&path, &dir.join(format!("{}.discarded", segment_file_name(base))))?;
+                self.set_aside(&dir, base)?;
                 continue;
             }
             let file = self.disk.open(&path, false)?;
             let bytes = file.read_all()?;
             let scan = scan_segment(&bytes, base);
             drop(bytes);
-            if matches!(scan.stop, ScanStop::BadHeader(_) | ScanStop::BaseMismatch { .. }) && is_last && scan.dirty_end as usize <= SEGMENT_HEADER_LEN {
+            if matches!(
+                scan.stop,
+                ScanStop::BadHeader(_) | ScanStop::BaseMismatch { .. }
+            ) && is_last
+                && scan.dirty_end as usize <= SEGMENT_HEADER_LEN
+            {
                 // A segment whose creation a crash interrupted: nothing was ever appended to it.
                 self.disk.remove_file(&path)?;
                 self.disk.sync_dir(&dir)?;
@@ -717,16 +882,27 @@ impl<D: Disk> Engine<D> {
                 continue;
             }
             if !scan.is_clean() {
-                let level_warn = !is_last || !matches!(scan.stop, ScanStop::BadRecord { error: RecordError::Truncated { .. } | RecordError::BadChecksum, .. } | ScanStop::Clean | ScanStop::OffsetMismatch { .. });
+                let level_warn = !is_last
+                    || !matches!(
+                        scan.stop,
+                        ScanStop::BadRecord {
+                            error: RecordError::Truncated { .. } | RecordError::BadChecksum,
+                            ..
+                        } | ScanStop::Clean
+                            | ScanStop::OffsetMismatch { .. }
+                    );
                 if level_warn {
                     tracing::warn!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "segment damaged; recovery stops here");
                 } else {
                     tracing::info!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "truncating a torn tail");
                 }
             }
-            if matches!(scan.stop, ScanStop::BadHeader(_) | ScanStop::BaseMismatch { .. }) {
+            if matches!(
+                scan.stop,
+                ScanStop::BadHeader(_) | ScanStop::BaseMismatch { .. }
+            ) {
                 broken = true;
-                self.disk.rename(&path, &dir.join(format!("{}.discarded", segment_file_name(base))))?;
+                self.set_aside(&dir, base)?;
                 expected = Some(base);
                 continue;
             }
@@ -737,6 +913,7 @@ impl<D: Disk> Engine<D> {
                 index: Mutex::new(scan.index.clone()),
                 visible_end: AtomicU64::new(base + scan.entries),
                 visible_pos: AtomicU64::new(scan.valid_len),
+                synced_pos: AtomicU64::new(scan.valid_len),
             });
             expected = Some(base + scan.entries);
             if !scan.is_clean() && !is_last {
@@ -757,9 +934,10 @@ impl<D: Disk> Engine<D> {
                 (scan.valid_len, len)
             }
             _ => {
-                let seg = self.create_segment(&dir, next_offset)?;
-                segments.push(seg);
-                (SEGMENT_HEADER_LEN as u64, SEGMENT_INITIAL_BYTES)
+                // No segment survived: nothing was ever acknowledged here (a segment is durable
+                // before its first append). The topic is created afresh on its next append, so
+                // that opening never needs free space.
+                return Ok(None);
             }
         };
         let first = segments[0].base;
@@ -771,16 +949,40 @@ impl<D: Disk> Engine<D> {
                 recover_cursor(&bytes).map(|slot| {
                     let clamped = slot.next_offset.clamp(first, next_offset);
                     if clamped != slot.next_offset {
-                        tracing::warn!(topic = name, stored = slot.next_offset, clamped, "cursor outside the recovered entries");
+                        tracing::warn!(
+                            topic = name,
+                            stored = slot.next_offset,
+                            clamped,
+                            "cursor outside the recovered entries"
+                        );
                     }
-                    (CursorSlot { seq: slot.seq, next_offset: clamped }, f)
+                    (
+                        CursorSlot {
+                            seq: slot.seq,
+                            next_offset: clamped,
+                        },
+                        f,
+                    )
                 })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let topic = Topic::new(name.to_string(), dir, segments, next_offset, pos, file_len, cursor);
-        if let Some(seg) = topic.segments.read().unwrap_or_else(|p| p.into_inner()).last() {
+        let topic = Topic::new(
+            name.to_string(),
+            dir,
+            segments,
+            next_offset,
+            pos,
+            file_len,
+            cursor,
+        );
+        if let Some(seg) = topic
+            .segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+        {
             let mut st = lock(&topic.write);
             st.last_index_pos = lock(&seg.index).last().map_or(0, |&(_, p)| p);
         }
@@ -799,7 +1001,10 @@ impl<D: Disk> Topic<D> {
         file_len: u64,
         cursor: Option<(CursorSlot, Arc<D::File>)>,
     ) -> Topic<D> {
-        let active = segments.last().expect("a topic always has a segment").clone();
+        let active = segments
+            .last()
+            .expect("a topic always has a segment")
+            .clone();
         let first = segments[0].base;
         let (next, seq, file) = match cursor {
             Some((slot, f)) => (slot.next_offset, slot.seq, Some(f)),
@@ -853,6 +1058,18 @@ impl<D: Disk> Topic<D> {
     }
 }
 
+/// Reads `from..to` of a file and writes the same bytes back (re-dirtying them).
+fn rewrite_range<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(READ_CHUNK_BYTES);
+        let bytes = file.read_with(at, n, |b| b.to_vec())?;
+        file.write_all_at(&bytes, at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Writes zeros over `from..to` of a file.
 fn write_zeros<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
     let mut at = from;
@@ -898,27 +1115,40 @@ impl<D: Disk> WalWorker<D> {
             .drain(..)
             .partition(|r| r.generation > r.topic.poisoned_through.load(Ordering::Acquire));
         for r in dead {
-            let _ = r.done.send(Err(io::Error::other("an earlier write to this topic failed; retry")));
+            tracing::trace!(topic = %r.topic.name, end_offset = r.end_offset, "refused: generation failed");
+            let _ = r.done.send(Err(io::Error::other(
+                "an earlier write to this topic failed; retry",
+            )));
         }
         let ops: Vec<WriteOp<'_, D::File>> = live
             .iter()
-            .map(|r| WriteOp { file: &r.segment.file, pos: r.pos, data: &r.data })
+            .map(|r| WriteOp {
+                file: &r.segment.file,
+                pos: r.pos,
+                data: &r.data,
+            })
             .collect();
         let results = self.disk.write_batch(&ops, true);
         drop(ops);
         for (r, res) in live.into_iter().zip(results) {
             let dead = r.generation <= r.topic.poisoned_through.load(Ordering::Acquire);
             let res = match res {
-                Ok(()) if dead => Err(io::Error::other("an earlier write to this topic failed; retry")),
+                Ok(()) if dead => Err(io::Error::other(
+                    "an earlier write to this topic failed; retry",
+                )),
                 Ok(()) => {
-                    r.topic.publish(&r.segment, r.end_offset, r.pos + r.data.len() as u64, true);
+                    r.topic
+                        .publish(&r.segment, r.end_offset, r.pos + r.data.len() as u64, true);
                     Ok(())
                 }
                 Err(e) => {
-                    r.topic.poisoned_through.fetch_max(r.generation, Ordering::AcqRel);
+                    r.topic
+                        .poisoned_through
+                        .fetch_max(r.generation, Ordering::AcqRel);
                     Err(e)
                 }
             };
+            tracing::trace!(topic = %r.topic.name, end_offset = r.end_offset, segment = r.segment.base, pos = r.pos, len = r.data.len(), generation = r.generation, ok = res.is_ok(), "group commit result");
             let _ = r.done.send(res);
         }
     }

@@ -112,7 +112,11 @@ impl WalrusBuilder {
                 .filter(|v| !v.is_empty())
                 .map_or_else(|| PathBuf::from("wal_files"), PathBuf::from),
         };
-        let key = self.key.or_else(|| std::env::var("WALRUS_INSTANCE_KEY").ok().filter(|k| !k.is_empty()));
+        let key = self.key.or_else(|| {
+            std::env::var("WALRUS_INSTANCE_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        });
         if let Some(k) = key {
             root.push(sanitize_namespace(&k));
         }
@@ -161,7 +165,9 @@ fn sync_loop<D: Disk>(engine: Weak<Engine<D>>, stop: Arc<AtomicBool>, every: Dur
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let Some(engine) = engine.upgrade() else { break };
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
         if let Err(e) = engine.sync(None) {
             tracing::warn!(error = %e, "background sync failed; will retry");
         }
@@ -178,8 +184,14 @@ impl Walrus<LinuxDisk> {
         Self::builder().consistency(mode).build()
     }
     /// Opens with the given read consistency and fsync schedule.
-    pub fn with_consistency_and_schedule(mode: ReadConsistency, fsync: FsyncSchedule) -> io::Result<Self> {
-        Self::builder().consistency(mode).fsync_schedule(fsync).build()
+    pub fn with_consistency_and_schedule(
+        mode: ReadConsistency,
+        fsync: FsyncSchedule,
+    ) -> io::Result<Self> {
+        Self::builder()
+            .consistency(mode)
+            .fsync_schedule(fsync)
+            .build()
     }
     /// Opens the namespace `key` (stored in `<data_dir>/<sanitized key>`).
     pub fn new_for_key(key: &str) -> io::Result<Self> {
@@ -195,7 +207,11 @@ impl Walrus<LinuxDisk> {
         mode: ReadConsistency,
         fsync: FsyncSchedule,
     ) -> io::Result<Self> {
-        Self::builder().key(key).consistency(mode).fsync_schedule(fsync).build()
+        Self::builder()
+            .key(key)
+            .consistency(mode)
+            .fsync_schedule(fsync)
+            .build()
     }
     /// A builder with the defaults.
     pub fn builder() -> WalrusBuilder {
@@ -228,19 +244,34 @@ impl<D: Disk> Walrus<D> {
     /// Reads the entry at the topic's cursor. With `checkpoint` the cursor moves past it
     /// (persisted per the read consistency); without, this is a peek.
     pub fn read_next(&self, topic: &str, checkpoint: bool) -> io::Result<Option<Entry>> {
-        Ok(self.engine.read_next(topic, 1, usize::MAX, checkpoint)?.pop())
+        Ok(self
+            .engine
+            .read_next(topic, 1, usize::MAX, checkpoint)?
+            .pop())
     }
 
     /// Reads entries from the topic's cursor while their payloads total at most `max_bytes`
     /// (always at least one entry if any is available).
-    pub fn batch_read_for_topic(&self, topic: &str, max_bytes: usize, checkpoint: bool) -> io::Result<Vec<Entry>> {
-        self.engine.read_next(topic, usize::MAX, max_bytes, checkpoint)
+    pub fn batch_read_for_topic(
+        &self,
+        topic: &str,
+        max_bytes: usize,
+        checkpoint: bool,
+    ) -> io::Result<Vec<Entry>> {
+        self.engine
+            .read_next(topic, usize::MAX, max_bytes, checkpoint)
     }
 
     /// Stateless read: up to `max_entries` entries starting at entry `offset`, their payloads
     /// totalling at most `max_bytes` (at least one entry if `offset` exists). The i-th entry
     /// returned has offset `offset + i`. The cursor does not move.
-    pub fn read_from(&self, topic: &str, offset: u64, max_entries: usize, max_bytes: usize) -> io::Result<Vec<Entry>> {
+    pub fn read_from(
+        &self,
+        topic: &str,
+        offset: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Entry>> {
         self.engine.read_from(topic, offset, max_entries, max_bytes)
     }
 

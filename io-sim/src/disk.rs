@@ -138,7 +138,11 @@ impl SimDisk {
                 (None, None) => true,
                 _ => false,
             };
-            let keep = if same || st.rng.gen_bool(0.5) { cur } else { dur };
+            let keep = if same || st.rng.gen_bool(0.5) {
+                cur
+            } else {
+                dur
+            };
             if let Some(f) = keep {
                 names.insert(p, f);
             }
@@ -164,7 +168,11 @@ impl SimDisk {
                             while s < end {
                                 let e = ((s / SECTOR_BYTES + 1) * SECTOR_BYTES).min(end);
                                 if st.rng.gen_bool(keep_p) {
-                                    apply_write(&mut durable, s, &data[(s - pos) as usize..(e - pos) as usize]);
+                                    apply_write(
+                                        &mut durable,
+                                        s,
+                                        &data[(s - pos) as usize..(e - pos) as usize],
+                                    );
                                 } else {
                                     all = false;
                                 }
@@ -179,14 +187,17 @@ impl SimDisk {
                 for (i, op) in pending.into_iter().enumerate() {
                     match op {
                         Pending::SetLen(len) if i < keep => durable.resize(len as usize, 0),
-                        Pending::Write { pos, data } if i < keep => apply_write(&mut durable, pos, &data),
+                        Pending::Write { pos, data } if i < keep => {
+                            apply_write(&mut durable, pos, &data)
+                        }
                         Pending::Write { pos, data } if i == keep => {
                             // Torn: keep whole sectors up to a random boundary.
                             let end = pos + data.len() as u64;
                             let first_boundary = (pos / SECTOR_BYTES + 1) * SECTOR_BYTES;
                             if first_boundary < end {
                                 let sectors = (end - first_boundary) / SECTOR_BYTES;
-                                let cut = first_boundary + SECTOR_BYTES * st.rng.gen_range(0..=sectors);
+                                let cut =
+                                    first_boundary + SECTOR_BYTES * st.rng.gen_range(0..=sectors);
                                 let cut = cut.min(end);
                                 apply_write(&mut durable, pos, &data[..(cut - pos) as usize]);
                             }
@@ -240,7 +251,10 @@ impl SimDisk {
 }
 
 fn used_bytes(st: &State) -> u64 {
-    st.names.values().map(|f| lock(&f.data).current.len() as u64).sum()
+    st.names
+        .values()
+        .map(|f| lock(&f.data).current.len() as u64)
+        .sum()
 }
 
 fn apply_write(buf: &mut Vec<u8>, pos: u64, data: &[u8]) {
@@ -273,7 +287,12 @@ impl DiskFile for SimFile {
         let end = pos
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= d.current.len() as u64)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the file"))?;
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past the end of the file",
+                )
+            })?;
         buf.copy_from_slice(&d.current[pos as usize..end as usize]);
         let p = st.faults.read_bit_flip;
         if !buf.is_empty() && p > 0.0 && st.rng.gen_bool(p) {
@@ -301,7 +320,10 @@ impl DiskFile for SimFile {
             }
         }
         apply_write(&mut d.current, pos, data);
-        d.pending.push(Pending::Write { pos, data: data.to_vec() });
+        d.pending.push(Pending::Write {
+            pos,
+            data: data.to_vec(),
+        });
         Ok(())
     }
 
@@ -364,11 +386,17 @@ impl Disk for SimDisk {
             return Ok(f.clone());
         }
         if !create {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} not found", path.display()),
+            ));
         }
         let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
         if !st.dirs.contains(&parent) {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no directory {}", parent.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no directory {}", parent.display()),
+            ));
         }
         let f = Arc::new(SimFile {
             id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
@@ -397,7 +425,10 @@ impl Disk for SimDisk {
             return Err(down_error());
         }
         if !st.dirs.contains(path) {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("no directory {}", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no directory {}", path.display()),
+            ));
         }
         let mut out = BTreeSet::new();
         for p in st.names.keys().chain(st.dirs.iter()) {
@@ -419,10 +450,12 @@ impl Disk for SimDisk {
         if st.down {
             return Err(down_error());
         }
-        st.names
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{} not found", path.display())))
+        st.names.remove(path).map(|_| ()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} not found", path.display()),
+            )
+        })
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -430,10 +463,12 @@ impl Disk for SimDisk {
         if st.down {
             return Err(down_error());
         }
-        let f = st
-            .names
-            .remove(from)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{} not found", from.display())))?;
+        let f = st.names.remove(from).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} not found", from.display()),
+            )
+        })?;
         st.names.insert(to.to_path_buf(), f);
         Ok(())
     }
@@ -444,8 +479,12 @@ impl Disk for SimDisk {
             return Err(down_error());
         }
         let in_dir = |p: &PathBuf| p.parent() == Some(path);
-        let current: Vec<(PathBuf, Arc<SimFile>)> =
-            st.names.iter().filter(|(p, _)| in_dir(p)).map(|(p, f)| (p.clone(), f.clone())).collect();
+        let current: Vec<(PathBuf, Arc<SimFile>)> = st
+            .names
+            .iter()
+            .filter(|(p, _)| in_dir(p))
+            .map(|(p, f)| (p.clone(), f.clone()))
+            .collect();
         st.durable_names.retain(|p, _| !in_dir(p));
         st.durable_names.extend(current);
         Ok(())
@@ -471,23 +510,44 @@ mod tests {
             let f = disk.open(Path::new("/d/f"), false).unwrap();
             let all = f.read_all().unwrap();
             assert!(all.len() >= 1000);
-            assert!(all[..1000].iter().all(|&b| b == 1), "seed {seed}: synced data changed");
-            assert!(all[1000..].iter().all(|&b| b == 2 || b == 0), "seed {seed}: invented bytes");
+            assert!(
+                all[..1000].iter().all(|&b| b == 1),
+                "seed {seed}: synced data changed"
+            );
+            assert!(
+                all[1000..].iter().all(|&b| b == 2 || b == 0),
+                "seed {seed}: invented bytes"
+            );
         }
     }
 
     #[test]
     fn a_failed_sync_drops_pending_writes_at_the_next_crash() {
-        let disk = SimDisk::new(1, SimFaults { sync_error: 1.0, ..Default::default() });
+        let disk = SimDisk::new(
+            1,
+            SimFaults {
+                sync_error: 1.0,
+                ..Default::default()
+            },
+        );
         disk.create_dir_all(Path::new("/d")).unwrap();
         let f = disk.open(Path::new("/d/f"), true).unwrap();
         disk.sync_dir(Path::new("/d")).unwrap();
         f.write_all_at(b"abc", 0).unwrap();
         assert!(f.sync_data().is_err());
-        assert_eq!(f.read_all().unwrap(), b"abc", "still visible before the crash");
+        assert_eq!(
+            f.read_all().unwrap(),
+            b"abc",
+            "still visible before the crash"
+        );
         disk.crash();
         disk.restart();
-        assert!(disk.open(Path::new("/d/f"), false).unwrap().read_all().unwrap().is_empty());
+        assert!(disk
+            .open(Path::new("/d/f"), false)
+            .unwrap()
+            .read_all()
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -509,7 +569,13 @@ mod tests {
 
     #[test]
     fn capacity_is_enforced() {
-        let disk = SimDisk::new(1, SimFaults { capacity_bytes: Some(100), ..Default::default() });
+        let disk = SimDisk::new(
+            1,
+            SimFaults {
+                capacity_bytes: Some(100),
+                ..Default::default()
+            },
+        );
         disk.create_dir_all(Path::new("/d")).unwrap();
         let f = disk.open(Path::new("/d/f"), true).unwrap();
         f.write_all_at(&[1; 100], 0).unwrap();

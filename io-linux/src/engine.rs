@@ -892,7 +892,7 @@ impl<D: Disk> Engine<D> {
                             | ScanStop::OffsetMismatch { .. }
                     );
                 if level_warn {
-                    tracing::warn!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "segment damaged; recovery stops here");
+                    tracing::warn!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "segment damaged; keeping its valid prefix");
                 } else {
                     tracing::info!(topic = name, segment = base, stop = ?scan.stop, kept = scan.entries, "truncating a torn tail");
                 }
@@ -916,9 +916,9 @@ impl<D: Disk> Engine<D> {
                 synced_pos: AtomicU64::new(scan.valid_len),
             });
             expected = Some(base + scan.entries);
-            if !scan.is_clean() && !is_last {
-                broken = true;
-            }
+            // A damaged segment that is not the last keeps its valid prefix; whether later
+            // segments follow on is decided by the gap check (a torn tail that the next segment
+            // continues after exactly is harmless; a corruption leaves a gap).
             segments.push(seg);
             last_scan = Some(scan);
         }

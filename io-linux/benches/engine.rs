@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Barrier, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,8 @@ struct Opts {
     dir: PathBuf,
     seed: u64,
     quick: bool,
+    /// Write path of our engine.
+    backend: walrus::Backend,
 }
 
 const USAGE: &str = "\
@@ -92,7 +94,8 @@ usage: cargo bench -p walrus --bench engine -- [options]
   --engines LIST        walrus,walrus-rust[,rocksdb] (rocksdb needs --features bench-rocksdb)
   --dir PATH            scratch directory on the disk under test (deleted afterwards)
   --max-gib N           stop a write phase after N GiB of payload (default 6)
-  --seed N              PRNG seed (default 42)";
+  --seed N              PRNG seed (default 42)
+  --backend B           walrus write path: io_uring (default) or pwrite";
 
 fn parse_opts() -> Result<Opts, String> {
     let mut o = Opts {
@@ -107,6 +110,7 @@ fn parse_opts() -> Result<Opts, String> {
             .join(format!("engine-bench-{}", std::process::id())),
         seed: 42,
         quick: false,
+        backend: walrus::Backend::IoUring,
     };
     if cfg!(feature = "bench-rocksdb") {
         o.engines.push(Kind::RocksDb);
@@ -158,6 +162,13 @@ fn parse_opts() -> Result<Opts, String> {
                 o.seed = v.parse().map_err(|_| format!("--seed: bad value {v}"))?;
             }
             "--dir" => o.dir = PathBuf::from(value("--dir")?),
+            "--backend" => {
+                o.backend = match value("--backend")?.as_str() {
+                    "io_uring" | "io-uring" | "uring" => walrus::Backend::IoUring,
+                    "pwrite" => walrus::Backend::Pwrite,
+                    other => return Err(format!("--backend: unknown backend {other}")),
+                }
+            }
             "--only" => {
                 o.workloads = [false; 4];
                 for w in value("--only")?.split(',').filter(|w| !w.is_empty()) {
@@ -218,6 +229,7 @@ impl Counts {
 
 #[derive(Clone, Copy)]
 struct OpenAs {
+    backend: walrus::Backend,
     durable: bool,
     /// Read-only reopen of E3: cursors are never persisted (so a second pass starts at 0 again)
     /// and nothing is reclaimed.
@@ -267,7 +279,7 @@ fn open_engine(kind: Kind, base: &Path, key: &str, how: OpenAs) -> io::Result<Bo
     let persist_every = if how.reading { u32::MAX } else { PERSIST_EVERY };
     match kind {
         Kind::Walrus => {
-            use walrus::{Backend, FsyncSchedule, ReadConsistency};
+            use walrus::{FsyncSchedule, ReadConsistency};
             let wal = walrus::Walrus::builder()
                 .data_dir(base.join(key))
                 .consistency(ReadConsistency::AtLeastOnce { persist_every })
@@ -276,7 +288,7 @@ fn open_engine(kind: Kind, base: &Path, key: &str, how: OpenAs) -> io::Result<Bo
                 } else {
                     FsyncSchedule::NoFsync
                 })
-                .backend(Backend::IoUring)
+                .backend(how.backend)
                 .reclaim_consumed(!how.reading)
                 .build()?;
             Ok(Box::new(Ours(wal)))
@@ -669,7 +681,8 @@ struct Row {
 #[derive(Default)]
 struct Report {
     header: String,
-    ceilings: Vec<(String, String)>,
+    /// (ceiling, [value at the start of the run, value at the end]).
+    ceilings: Vec<(String, [String; 2])>,
     rows: Vec<Row>,
     notes: Vec<String>,
     engines: Vec<Kind>,
@@ -727,17 +740,14 @@ fn num(v: f64, f: Fmt) -> Value {
 fn group_thousands(v: f64) -> String {
     let n = v.round() as i64;
     let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    if n < 0 {
-        out.insert(0, '-');
-    }
-    out
+    let groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|g| std::str::from_utf8(g).expect("ASCII digits"))
+        .collect();
+    let sign = if n < 0 { "-" } else { "" };
+    format!("{sign}{}", groups.join(","))
 }
 
 fn show(v: &Value) -> String {
@@ -771,10 +781,11 @@ impl Report {
         let mut s = self.header.clone();
         if !self.ceilings.is_empty() {
             s.push_str(
-                "\n## Ceilings (same run, same data directory)\n\n| ceiling | value |\n|---|---|\n",
+                "\n## Ceilings (same run, same data directory)\n\n| ceiling | at start | at end |\n|---|---|---|\n",
             );
-            for (k, v) in &self.ceilings {
-                let _ = writeln!(s, "| {k} | {v} |");
+            for (k, [start, end]) in &self.ceilings {
+                let end = if end.is_empty() { "—" } else { end };
+                let _ = writeln!(s, "| {k} | {start} | {end} |");
             }
         }
         let has_base = self.engines.contains(&Kind::WalrusRust);
@@ -1046,51 +1057,34 @@ fn rss_mib() -> f64 {
     proc_status_kib("VmRSS").unwrap_or(0) as f64 / 1024.0
 }
 
-/// Samples VmRSS every 50 ms until finished; returns the peak in MiB.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    peak_kib: Arc<AtomicU64>,
-    handle: Option<thread::JoinHandle<()>>,
+/// Highest VmHWM seen by any phase (each phase resets VmHWM).
+static PEAK_RSS_KIB: AtomicU64 = AtomicU64::new(0);
+
+/// Peak RSS of one phase: VmHWM is reset at the start (`/proc/self/clear_refs` "5").
+struct PeakRss {
+    reset: bool,
 }
 
-impl RssSampler {
-    fn start() -> RssSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak_kib = Arc::new(AtomicU64::new(proc_status_kib("VmRSS").unwrap_or(0)));
-        let handle = {
-            let (stop, peak) = (stop.clone(), peak_kib.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(v) = proc_status_kib("VmRSS") {
-                        peak.fetch_max(v, Ordering::Relaxed);
-                    }
-                    thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
-        RssSampler {
-            stop,
-            peak_kib,
-            handle: Some(handle),
+impl PeakRss {
+    fn start() -> PeakRss {
+        if let Some(v) = proc_status_kib("VmHWM") {
+            PEAK_RSS_KIB.fetch_max(v, Ordering::Relaxed);
+        }
+        PeakRss {
+            reset: fs::write("/proc/self/clear_refs", "5").is_ok(),
         }
     }
 
-    fn finish(mut self) -> f64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        if let Some(v) = proc_status_kib("VmRSS") {
-            self.peak_kib.fetch_max(v, Ordering::Relaxed);
-        }
-        self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0
+    /// Peak RSS in MiB since `start`, if VmHWM could be reset.
+    fn finish(self) -> Option<f64> {
+        let v = proc_status_kib("VmHWM")?;
+        PEAK_RSS_KIB.fetch_max(v, Ordering::Relaxed);
+        self.reset.then_some(v as f64 / 1024.0)
     }
 }
 
-impl Drop for RssSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+fn peak_value(p: Option<f64>) -> Value {
+    p.map_or_else(|| Value::Text("n/a".into()), |v| num(v, Fmt::Int))
 }
 
 fn cpu_model() -> String {
@@ -1337,28 +1331,28 @@ impl Bench {
                 };
                 let name = format!("{table} {mode} {}", kind.name());
                 let res = phase(&name, self.o.secs, || {
+                    let peak = PeakRss::start();
+                    let rss_before = rss_mib();
                     let engine = open_engine(
                         kind,
                         &self.o.dir,
                         &key,
                         OpenAs {
+                            backend: self.o.backend,
                             durable,
                             reading: false,
                         },
                     )?;
-                    let rss_before = rss_mib();
-                    let sampler = RssSampler::start();
                     let out = run_writes(&*engine, &spec, &self.pool)?;
-                    let rss_peak = sampler.finish();
                     let rss_after = rss_mib();
                     drop(engine);
-                    Ok((out, rss_before, rss_peak, rss_after, rss_mib()))
+                    Ok((out, rss_before, peak.finish(), rss_after, rss_mib()))
                 });
-                let what = if batch == 1 { "append" } else { "batch" };
                 match &res {
                     Ok((out, before, peak, after, closed)) if report_writes => {
                         let rate = out.entries as f64 / out.secs;
-                        push_row(table, mode, "entries/s", kind, num(rate, Fmt::Int), true);
+                        let metric = if batch == 1 { "writes/s" } else { "entries/s" };
+                        push_row(table, mode, metric, kind, num(rate, Fmt::Int), true);
                         push_row(
                             table,
                             mode,
@@ -1416,26 +1410,31 @@ impl Bench {
                             )),
                             false,
                         );
+                        push_row(
+                            table,
+                            mode,
+                            "peak RSS MiB (phase)",
+                            kind,
+                            peak_value(*peak),
+                            true,
+                        );
                         if table == "E1" {
                             push_row(
                                 table,
                                 mode,
-                                "RSS MiB before / peak / after / closed",
+                                "RSS MiB before open / after writes / after close",
                                 kind,
-                                Value::Text(format!(
-                                    "{before:.0} / {peak:.0} / {after:.0} / {closed:.0}"
-                                )),
+                                Value::Text(format!("{before:.0} / {after:.0} / {closed:.0}")),
                                 false,
                             );
                         }
-                        let _ = what;
                     }
                     Ok(_) => {}
                     Err(why) if report_writes => {
                         push_row(
                             table,
                             mode,
-                            "entries/s",
+                            if batch == 1 { "writes/s" } else { "entries/s" },
                             kind,
                             Value::Failed(why.clone()),
                             true,
@@ -1468,12 +1467,14 @@ impl Bench {
         ] {
             let name = format!("E3 {label} {}", kind.name());
             let res = phase(&name, self.o.secs, || {
+                let peak = PeakRss::start();
                 let t0 = Instant::now();
                 let engine = open_engine(
                     kind,
                     &self.o.dir,
                     key,
                     OpenAs {
+                        backend: self.o.backend,
                         durable: false,
                         reading: true,
                     },
@@ -1481,10 +1482,10 @@ impl Bench {
                 let open_secs = t0.elapsed().as_secs_f64();
                 let out = run_reads(&*engine, topics, how)?;
                 drop(engine);
-                Ok((open_secs, out))
+                Ok((open_secs, out, peak.finish()))
             });
             match res {
-                Ok((open_secs, out)) => {
+                Ok((open_secs, out, peak)) => {
                     push_row(
                         "E3",
                         label,
@@ -1528,6 +1529,14 @@ impl Bench {
                         num(open_secs, Fmt::F2),
                         true,
                     );
+                    push_row(
+                        "E3",
+                        label,
+                        "peak RSS MiB (open + read)",
+                        kind,
+                        peak_value(peak),
+                        true,
+                    );
                 }
                 Err(why) => push_row("E3", label, "entries/s", kind, Value::Failed(why), true),
             }
@@ -1535,6 +1544,7 @@ impl Bench {
     }
 
     fn e4(&self) {
+        let mut peaks: HashMap<&'static str, f64> = HashMap::new();
         for size in E4_SIZES {
             for durable in [false, true] {
                 for (m, mode) in E4_MODES.iter().enumerate() {
@@ -1559,11 +1569,13 @@ impl Bench {
                             &format!("E4 {label} {}", kind.name()),
                             self.o.phase_secs,
                             || {
+                                let peak = PeakRss::start();
                                 let engine = open_engine(
                                     kind,
                                     &self.o.dir,
                                     &key,
                                     OpenAs {
+                                        backend: self.o.backend,
                                         durable,
                                         reading: false,
                                     },
@@ -1571,11 +1583,15 @@ impl Bench {
                                 let w = run_writes(&*engine, &spec, &self.pool)?;
                                 let r = run_reads(&*engine, &w.topics, ReadHow::Batch)?;
                                 drop(engine);
-                                Ok((w, r))
+                                Ok((w, r, peak.finish()))
                             },
                         );
                         match res {
-                            Ok((w, r)) => {
+                            Ok((w, r, peak)) => {
+                                if let Some(p) = peak {
+                                    let e = peaks.entry(kind.name()).or_insert(0.0);
+                                    *e = e.max(p);
+                                }
                                 let per_call = if m == 1 {
                                     "p99 call µs (batch)"
                                 } else {
@@ -1634,7 +1650,69 @@ impl Bench {
                 }
             }
         }
+        for &kind in &self.o.engines {
+            if let Some(p) = peaks.get(kind.name()) {
+                push_row(
+                    "E4",
+                    "all E4 phases",
+                    "peak RSS MiB (highest phase)",
+                    kind,
+                    num(*p, Fmt::Int),
+                    true,
+                );
+            }
+        }
     }
+}
+
+/// Measures both ceilings into column `col` (0 = start of the run, 1 = end).
+fn measure_ceilings(o: &Opts, col: usize) {
+    let when = if col == 0 { "start" } else { "end" };
+    let fsync = phase(
+        &format!("ceiling: fdatasync ({when})"),
+        o.ceiling_secs,
+        || ceiling_fdatasync(&o.dir, o.ceiling_secs),
+    )
+    .map_or_else(
+        |why| format!("failed: {why}"),
+        |(rate, p50, p99)| {
+            format!(
+                "{} /s (p50 {p50:.0} µs, p99 {p99:.0} µs)",
+                group_thousands(rate)
+            )
+        },
+    );
+    let seq = phase(&format!("ceiling: sequential write ({when})"), 60.0, || {
+        ceiling_seq_write(&o.dir, o.seq_bytes)
+    })
+    .map_or_else(
+        |why| format!("failed: {why}"),
+        |(buffered, durable)| format!("{durable:.0} MB/s (page cache alone: {buffered:.0} MB/s)"),
+    );
+    let rows = [
+        (
+            format!(
+                "fdatasync calls/s (1 thread, 4 KiB pwrite + fdatasync, preallocated file, {} s)",
+                o.ceiling_secs
+            ),
+            fsync,
+        ),
+        (
+            format!(
+                "sequential write MB/s ({} MiB in 1 MiB writes + one fdatasync)",
+                o.seq_bytes / MIB
+            ),
+            seq,
+        ),
+    ];
+    with_report(|r| {
+        for (i, (name, value)) in rows.into_iter().enumerate() {
+            if r.ceilings.len() <= i {
+                r.ceilings.push((name, [String::new(), String::new()]));
+            }
+            r.ceilings[i].1[col] = value;
+        }
+    });
 }
 
 fn main() {
@@ -1680,41 +1758,7 @@ fn main() {
         }
     }
 
-    // Ceilings.
-    match phase("ceiling: fdatasync", o.ceiling_secs, || {
-        ceiling_fdatasync(&o.dir, o.ceiling_secs)
-    }) {
-        Ok((rate, p50, p99)) => with_report(|r| {
-            r.ceilings.push((
-                "fdatasync calls/s (1 thread, 4 KiB pwrite + fdatasync, preallocated file)".into(),
-                format!(
-                    "{} /s (p50 {p50:.0} µs, p99 {p99:.0} µs)",
-                    group_thousands(rate)
-                ),
-            ))
-        }),
-        Err(why) => with_report(|r| {
-            r.ceilings
-                .push(("fdatasync calls/s".into(), format!("failed: {why}")))
-        }),
-    }
-    match phase("ceiling: sequential write", 60.0, || {
-        ceiling_seq_write(&o.dir, o.seq_bytes)
-    }) {
-        Ok((buffered, durable)) => with_report(|r| {
-            r.ceilings.push((
-                format!(
-                    "sequential write MB/s ({} MiB in 1 MiB writes + one fdatasync)",
-                    o.seq_bytes / MIB
-                ),
-                format!("{durable:.0} MB/s (into the page cache alone: {buffered:.0} MB/s)"),
-            ))
-        }),
-        Err(why) => with_report(|r| {
-            r.ceilings
-                .push(("sequential write MB/s".into(), format!("failed: {why}")))
-        }),
-    }
+    measure_ceilings(&o, 0);
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
 
@@ -1732,6 +1776,7 @@ fn main() {
                     &o.dir,
                     key,
                     OpenAs {
+                        backend: o.backend,
                         durable: false,
                         reading: false,
                     },
@@ -1762,7 +1807,11 @@ fn main() {
         bench.e4();
     }
 
-    let hwm = proc_status_kib("VmHWM").unwrap_or(0) as f64 / 1024.0;
+    measure_ceilings(&o, 1);
+    let hwm = proc_status_kib("VmHWM")
+        .unwrap_or(0)
+        .max(PEAK_RSS_KIB.load(Ordering::Relaxed)) as f64
+        / 1024.0;
     with_report(|r| {
         r.notes.push(format!(
             "peak RSS of the whole process (VmHWM, all engines and phases): {hwm:.0} MiB; walrus-rust keeps \
@@ -1794,6 +1843,22 @@ fn main() {
                  = durable, no compression, raw iterator for reads (values copied out)"
                     .into(),
             );
+        }
+    });
+    with_report(|r| {
+        let short_reads: Vec<String> = r
+            .rows
+            .iter()
+            .filter(|row| row.metric == "read-back check")
+            .map(|row| format!("{} ({})", row.phase, row.engine.name()))
+            .collect();
+        if !short_reads.is_empty() {
+            r.notes.push(format!(
+                "read-back returned fewer entries than were written in: {}; the read-back rate counts only \
+                 the entries returned. (walrus-rust 0.2's batch_read_for_topic on a live instance skips the \
+                 rest of a block at block boundaries; reproduced outside this benchmark.)",
+                short_reads.join("; ")
+            ));
         }
     });
     let text = with_report(|r| r.render());

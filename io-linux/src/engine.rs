@@ -624,7 +624,13 @@ impl<D: Disk> Engine<D> {
                 }
             }
             let seg_pos_end = seg.visible_pos.load(Ordering::Acquire);
-            let span = ((seg_pos_end - pos) as usize).min(READ_CHUNK_BYTES);
+            let Some(remaining) = seg_pos_end.checked_sub(pos) else {
+                return Err(corrupt(format!(
+                    "topic {}: entry {offset} of segment {} lies past the written data",
+                    topic.name, seg.base
+                )));
+            };
+            let span = (remaining as usize).min(READ_CHUNK_BYTES);
             let mut need_more: Option<usize> = None;
             let step = seg.file.read_with(pos, span, |buf| -> io::Result<()> {
                 let mut at = 0usize;
@@ -723,7 +729,14 @@ impl<D: Disk> Engine<D> {
                 index[i - 1]
             }
         };
+        let written_end = seg.visible_pos.load(Ordering::Acquire);
         while at < offset {
+            if pos + encoded_len(0) as u64 > written_end {
+                return Err(corrupt(format!(
+                    "topic {}: index walk ran past the written data at offset {at}",
+                    topic.name
+                )));
+            }
             let len = seg.file.read_with(pos, encoded_len(0), |h| {
                 let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
                 let o = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);

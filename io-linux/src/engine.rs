@@ -128,11 +128,14 @@ struct WriteState<D: Disk> {
 
 struct Cursor<D: Disk> {
     next: u64,
-    hint: Option<(Arc<Segment<D>>, u64)>,
+    hint: Option<Hint<D>>,
     seq: u64,
     unpersisted: u64,
     file: Option<Arc<D::File>>,
 }
+
+/// Where a cursor's next entry starts: its segment and byte position.
+type Hint<D> = (Arc<Segment<D>>, u64);
 
 struct Request<D: Disk> {
     topic: Arc<Topic<D>>,
@@ -586,10 +589,10 @@ impl<D: Disk> Engine<D> {
         &self,
         topic: &Topic<D>,
         from: u64,
-        hint: Option<(Arc<Segment<D>>, u64)>,
+        hint: Option<Hint<D>>,
         max_entries: usize,
         max_bytes: usize,
-    ) -> io::Result<(Vec<Entry>, Option<(Arc<Segment<D>>, u64)>)> {
+    ) -> io::Result<(Vec<Entry>, Option<Hint<D>>)> {
         let visible = topic.visible.load(Ordering::Acquire);
         let mut out = Vec::new();
         if from >= visible || max_entries == 0 {

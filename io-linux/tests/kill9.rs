@@ -22,7 +22,7 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn payload(topic: &str, thread: u64, seq: u64) -> Vec<u8> {
     let mut p = format!("{topic}:{thread}:{seq}:").into_bytes();
-    let extra = (seq * 37 % 900) as usize + if seq % 97 == 0 { 70_000 } else { 0 };
+    let extra = (seq * 37 % 900) as usize + if seq.is_multiple_of(97) { 70_000 } else { 0 };
     p.resize(p.len() + extra, (seq % 251) as u8);
     p
 }
@@ -50,12 +50,12 @@ fn kill9_child_process() {
                 use std::io::Write;
                 let mut seq = start_seq;
                 loop {
-                    let topic = if seq % 3 == 0 {
+                    let topic = if seq.is_multiple_of(3) {
                         "shared"
                     } else {
                         TOPICS[thread as usize]
                     };
-                    let n = if seq % 5 == 0 { 1 + seq % 7 } else { 1 };
+                    let n = if seq.is_multiple_of(5) { 1 + seq % 7 } else { 1 };
                     let batch: Vec<Vec<u8>> =
                         (0..n).map(|i| payload(topic, thread, seq + i)).collect();
                     let refs: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();

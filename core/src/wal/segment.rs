@@ -366,10 +366,10 @@ mod tests {
             let scan = scan_segment(&bytes[..cut], 0);
             // Every entry the scan keeps is one of the written ones, byte-exact.
             let mut pos = SEGMENT_HEADER_LEN;
-            for i in 0..scan.entries as usize {
+            for (i, want) in payloads.iter().take(scan.entries as usize).enumerate() {
                 let r = decode_record(&bytes[pos..]).unwrap();
                 prop_assert_eq!(r.offset, i as u64);
-                prop_assert_eq!(r.payload, &payloads[i][..]);
+                prop_assert_eq!(r.payload, &want[..]);
                 pos += r.encoded_len();
             }
             prop_assert_eq!(pos as u64, scan.valid_len.max(SEGMENT_HEADER_LEN as u64));

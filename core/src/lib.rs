@@ -9,3 +9,4 @@ pub mod disk;
 pub mod limits;
 pub mod topic;
 pub mod wal;
+pub mod wire;

@@ -1,0 +1,296 @@
+//! The client wire protocol (byte-compatible with upstream walrus): frames and commands.
+//!
+//! A frame is `[u32 little-endian length][body]`. Request bodies are `REGISTER <topic>`,
+//! `PUT <topic> <payload>`, `GET <topic>`, `STATE <topic>` and `METRICS`; reply bodies are
+//! `OK`, `OK <payload>`, `EMPTY` and `ERR <reason>`. Payloads are arbitrary bytes: the frame
+//! gives their length, and they are never trimmed or re-encoded. Pure functions over bytes; the
+//! shells own the sockets.
+
+use crate::topic::{validate_topic_name, TopicNameError};
+
+/// Default largest frame body accepted: 1 MiB.
+pub const FRAME_LEN_MAX_DEFAULT: usize = 1 << 20;
+/// Bytes of the frame length prefix.
+pub const FRAME_PREFIX_LEN: usize = 4;
+
+/// Why a frame could not be taken from a byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces a body over the limit; the connection must be closed, since
+    /// the rest of the stream cannot be trusted as frames.
+    #[error("frame of {len} bytes is over the limit of {max}")]
+    TooLarge {
+        /// Announced body length.
+        len: u64,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Takes one frame from the front of `buf`: `Ok(Some((body, consumed)))` when a whole frame is
+/// there, `Ok(None)` when more bytes are needed. The length is checked against `max` before
+/// anything else, so a hostile prefix never makes the caller buffer more than `max` bytes.
+pub fn take_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, FrameError> {
+    if buf.len() < FRAME_PREFIX_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as u64;
+    if len > max as u64 {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let end = FRAME_PREFIX_LEN + len as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    Ok(Some((&buf[FRAME_PREFIX_LEN..end], end)))
+}
+
+/// Appends `body` as one frame to `out`. Bodies over `u32::MAX` bytes cannot be framed; the
+/// callers' limits are far below that.
+pub fn put_frame(out: &mut Vec<u8>, body: &[u8]) {
+    let len = u32::try_from(body.len()).expect("frame bodies are bounded far below 4 GiB");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+/// A client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `REGISTER <topic>`: create the topic if needed.
+    Register(&'a str),
+    /// `PUT <topic> <payload>`: append one entry.
+    Put(&'a str, &'a [u8]),
+    /// `GET <topic>`: the next entry at the topic's shared cursor.
+    Get(&'a str),
+    /// `STATE <topic>`: the topic's segments as JSON.
+    State(&'a str),
+    /// `METRICS`: node and Raft metrics as JSON.
+    Metrics,
+}
+
+/// Why a request body is not a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The body is empty.
+    #[error("empty command")]
+    Empty,
+    /// The verb is not one of the five.
+    #[error("unknown command {0:?}")]
+    Unknown(String),
+    /// A required argument is missing.
+    #[error("{0} needs {1}")]
+    Missing(&'static str, &'static str),
+    /// Extra arguments after a command that takes none (or only a topic).
+    #[error("{0} takes no further arguments")]
+    Extra(&'static str),
+    /// The topic name is not valid.
+    #[error("invalid topic: {0}")]
+    Topic(#[from] TopicNameError),
+}
+
+/// Parses a request body. Verbs are case-insensitive, as upstream; the topic ends at the first
+/// space; a `PUT` payload is every byte after the space that follows the topic.
+pub fn parse_command(body: &[u8]) -> Result<Command<'_>, CommandError> {
+    if body.is_empty() {
+        return Err(CommandError::Empty);
+    }
+    let (verb, rest) = split_word(body);
+    let verb_str = String::from_utf8_lossy(verb).to_ascii_uppercase();
+    match verb_str.as_str() {
+        "REGISTER" | "GET" | "STATE" => {
+            let name: &'static str = match verb_str.as_str() {
+                "REGISTER" => "REGISTER",
+                "GET" => "GET",
+                _ => "STATE",
+            };
+            let (topic, tail) = topic_word(name, rest)?;
+            if !tail.is_empty() {
+                return Err(CommandError::Extra(name));
+            }
+            Ok(match name {
+                "REGISTER" => Command::Register(topic),
+                "GET" => Command::Get(topic),
+                _ => Command::State(topic),
+            })
+        }
+        "PUT" => {
+            let (topic, _) = topic_word("PUT", rest)?;
+            // After the topic must come exactly one space; everything after it is the payload.
+            match rest[topic.len()..].split_first() {
+                Some((b' ', payload)) => Ok(Command::Put(topic, payload)),
+                _ => Err(CommandError::Missing("PUT", "a payload")),
+            }
+        }
+        "METRICS" => {
+            if rest.is_empty() {
+                Ok(Command::Metrics)
+            } else {
+                Err(CommandError::Extra("METRICS"))
+            }
+        }
+        _ => Err(CommandError::Unknown(
+            String::from_utf8_lossy(verb).into_owned(),
+        )),
+    }
+}
+
+/// Encodes a request body.
+pub fn encode_command(cmd: &Command<'_>) -> Vec<u8> {
+    match cmd {
+        Command::Register(t) => format!("REGISTER {t}").into_bytes(),
+        Command::Get(t) => format!("GET {t}").into_bytes(),
+        Command::State(t) => format!("STATE {t}").into_bytes(),
+        Command::Metrics => b"METRICS".to_vec(),
+        Command::Put(t, p) => {
+            let mut b = format!("PUT {t} ").into_bytes();
+            b.extend_from_slice(p);
+            b
+        }
+    }
+}
+
+/// A server reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `OK` or `OK <payload>`.
+    Ok(Option<Vec<u8>>),
+    /// `EMPTY`: nothing to read.
+    Empty,
+    /// `ERR <reason>`.
+    Err(String),
+}
+
+/// Encodes a reply body.
+pub fn encode_reply(r: &Reply) -> Vec<u8> {
+    match r {
+        Reply::Ok(None) => b"OK".to_vec(),
+        Reply::Ok(Some(p)) => {
+            let mut b = b"OK ".to_vec();
+            b.extend_from_slice(p);
+            b
+        }
+        Reply::Empty => b"EMPTY".to_vec(),
+        Reply::Err(reason) => format!("ERR {reason}").into_bytes(),
+    }
+}
+
+/// Parses a reply body; anything unrecognised is an error reply describing it.
+pub fn parse_reply(body: &[u8]) -> Reply {
+    if body == b"OK" {
+        Reply::Ok(None)
+    } else if let Some(p) = body.strip_prefix(b"OK ") {
+        Reply::Ok(Some(p.to_vec()))
+    } else if body == b"EMPTY" {
+        Reply::Empty
+    } else if let Some(r) = body.strip_prefix(b"ERR") {
+        Reply::Err(String::from_utf8_lossy(r.strip_prefix(b" ").unwrap_or(r)).into_owned())
+    } else {
+        Reply::Err(format!(
+            "malformed reply {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(64)])
+        ))
+    }
+}
+
+/// The topic word at the start of `rest` (validated) and what follows its space.
+fn topic_word<'a>(verb: &'static str, rest: &'a [u8]) -> Result<(&'a str, &'a [u8]), CommandError> {
+    let (topic, tail) = split_word(rest);
+    if topic.is_empty() {
+        return Err(CommandError::Missing(verb, "a topic"));
+    }
+    let topic = std::str::from_utf8(topic).map_err(|_| TopicNameError::BadChar('\u{fffd}'))?;
+    validate_topic_name(topic)?;
+    Ok((topic, tail))
+}
+
+fn split_word(b: &[u8]) -> (&[u8], &[u8]) {
+    match b.iter().position(|&c| c == b' ') {
+        Some(i) => (&b[..i], &b[i + 1..]),
+        None => (b, &[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn commands_parse_as_upstream_sends_them() {
+        assert_eq!(
+            parse_command(b"REGISTER logs"),
+            Ok(Command::Register("logs"))
+        );
+        assert_eq!(
+            parse_command(b"put logs hello world"),
+            Ok(Command::Put("logs", b"hello world"))
+        );
+        assert_eq!(parse_command(b"PUT logs "), Ok(Command::Put("logs", b"")));
+        assert_eq!(
+            parse_command(b"PUT logs  two"),
+            Ok(Command::Put("logs", b" two"))
+        );
+        assert_eq!(parse_command(b"GET logs"), Ok(Command::Get("logs")));
+        assert_eq!(parse_command(b"STATE logs"), Ok(Command::State("logs")));
+        assert_eq!(parse_command(b"METRICS"), Ok(Command::Metrics));
+        assert_eq!(parse_command(b""), Err(CommandError::Empty));
+        assert_eq!(
+            parse_command(b"PUT logs"),
+            Err(CommandError::Missing("PUT", "a payload"))
+        );
+        assert_eq!(
+            parse_command(b"GET"),
+            Err(CommandError::Missing("GET", "a topic"))
+        );
+        assert_eq!(parse_command(b"GET a b"), Err(CommandError::Extra("GET")));
+        assert_eq!(
+            parse_command(b"METRICS x"),
+            Err(CommandError::Extra("METRICS"))
+        );
+        assert!(matches!(
+            parse_command(b"GET a/b"),
+            Err(CommandError::Topic(_))
+        ));
+        assert!(matches!(
+            parse_command(b"FROB x"),
+            Err(CommandError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn frames_are_bounded_before_buffering() {
+        let mut buf = Vec::new();
+        put_frame(&mut buf, b"GET t");
+        assert_eq!(take_frame(&buf, 16), Ok(Some((&b"GET t"[..], 9))));
+        assert_eq!(take_frame(&buf[..6], 16), Ok(None));
+        let huge = u32::MAX.to_le_bytes();
+        assert_eq!(
+            take_frame(&huge, 16),
+            Err(FrameError::TooLarge {
+                len: u32::MAX as u64,
+                max: 16
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(cmd) = parse_command(&body) {
+                let again = encode_command(&cmd);
+                prop_assert_eq!(parse_command(&again), Ok(cmd));
+            }
+            let _ = parse_reply(&body);
+            let _ = take_frame(&body, 32);
+        }
+
+        #[test]
+        fn put_payloads_round_trip_byte_exact(topic in "[A-Za-z0-9._-]{1,20}", payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+            prop_assume!(topic != "." && topic != "..");
+            let body = encode_command(&Command::Put(&topic, &payload));
+            prop_assert_eq!(parse_command(&body), Ok(Command::Put(&topic, &payload)));
+            let reply = Reply::Ok(Some(payload.clone()));
+            prop_assert_eq!(parse_reply(&encode_reply(&reply)), reply);
+        }
+    }
+}

@@ -82,11 +82,7 @@ fn repl(addr: &str, timeout: Duration) -> ExitCode {
     }
     let mut client: Option<Client> = None;
     println!("walrus-cli connected to {addr} (type help)");
-    loop {
-        let line = match editor.readline("walrus> ") {
-            Ok(l) => l,
-            Err(_) => break,
-        };
+    while let Ok(line) = editor.readline("walrus> ") {
         let line = line.trim();
         if line.is_empty() {
             continue;

@@ -5,6 +5,7 @@
 //! (`walrus` on Linux, `walrus-io-sim` in simulation) do the I/O and feed the results in.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod disk;
 pub mod limits;
 pub mod topic;

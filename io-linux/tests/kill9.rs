@@ -55,7 +55,11 @@ fn kill9_child_process() {
                     } else {
                         TOPICS[thread as usize]
                     };
-                    let n = if seq.is_multiple_of(5) { 1 + seq % 7 } else { 1 };
+                    let n = if seq.is_multiple_of(5) {
+                        1 + seq % 7
+                    } else {
+                        1
+                    };
                     let batch: Vec<Vec<u8>> =
                         (0..n).map(|i| payload(topic, thread, seq + i)).collect();
                     let refs: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();

@@ -114,7 +114,7 @@ pub enum Command {
 }
 
 /// What an applied command did.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Outcome {
     /// The command was already in effect; nothing changed.
     Unchanged,

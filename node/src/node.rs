@@ -1,0 +1,649 @@
+//! The node: wires the metadata Raft group (`meta`), the local segment store (a `walrus`
+//! engine), peers (`rpc`) and the client commands together. Decisions about metadata live in
+//! `walrus_core::cluster`; this file only routes requests, waits (always with a deadline) and
+//! runs the background loops (commit reports, rollover monitor, failure detector).
+//!
+//! Data placement in this version: a segment's entries live on its leader only (replica set of
+//! one), as upstream; the data-replication issue adds followers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ChangeMembers};
+use serde_json::json;
+use walrus::{FsyncSchedule, ReadConsistency, Walrus};
+use walrus_core::cluster::cursor::{next_shared_read, ReadPlan};
+use walrus_core::cluster::metadata::{Command, Outcome, SegmentMeta, TopicMeta};
+use walrus_core::cluster::{NodeId, SegmentId};
+
+use crate::meta::{MetaResponse, Raft, StateMachine};
+use crate::rpc::{Peers, RpcRequest, RpcResponse};
+
+/// How often the leader of an open segment reports its committed length to the metadata group.
+const COMMIT_REPORT_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the metadata leader probes every node.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Consecutive failed probes after which a node is marked dead.
+const PROBE_FAILURES_MAX: u32 = 4;
+/// Attempts of one GET (each a read plus a compare-and-set of the shared cursor).
+const GET_ATTEMPTS_MAX: u32 = 64;
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub id: u64,
+    /// Root of its data.
+    pub data_dir: PathBuf,
+    /// Address peers use for internal RPC.
+    pub raft_advertise: String,
+    /// Address clients use.
+    pub client_advertise: String,
+    /// Entries after which an open segment is sealed and the next one opened.
+    pub max_segment_entries: u64,
+    /// Period of the rollover monitor.
+    pub monitor_check: Duration,
+    /// Longest a client request may take before it gets `ERR`.
+    pub request_timeout: Duration,
+}
+
+/// Counters reported by `METRICS`.
+#[derive(Default)]
+pub struct Counters {
+    puts: AtomicU64,
+    puts_forwarded: AtomicU64,
+    gets: AtomicU64,
+    gets_empty: AtomicU64,
+    errors: AtomicU64,
+    seals: AtomicU64,
+}
+
+/// A running node.
+pub struct Node {
+    cfg: NodeConfig,
+    raft: Raft,
+    sm: StateMachine,
+    data: Arc<Walrus>,
+    peers: Peers,
+    /// Per segment led here: the gate appends pass (shared) and a seal closes (exclusive).
+    gates: Mutex<HashMap<SegmentId, Arc<RwLock<bool>>>>,
+    counters: Counters,
+    started: Instant,
+}
+
+/// A request-level error: becomes `ERR <reason>`.
+pub type Failure = String;
+
+impl Node {
+    /// Wires a node around a started Raft and its state machine.
+    pub fn new(cfg: NodeConfig, raft: Raft, sm: StateMachine) -> std::io::Result<Node> {
+        let data = Walrus::builder()
+            .data_dir(cfg.data_dir.join("segments"))
+            .fsync_schedule(FsyncSchedule::SyncEach)
+            .consistency(ReadConsistency::AtLeastOnce {
+                persist_every: 1 << 30,
+            })
+            .reclaim_consumed(false)
+            .build()?;
+        Ok(Node {
+            cfg,
+            raft,
+            sm,
+            data: Arc::new(data),
+            peers: Peers::default(),
+            gates: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The Raft handle (for the RPC server).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// This node's config.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    fn me(&self) -> NodeId {
+        NodeId(self.cfg.id)
+    }
+
+    fn topic(&self, name: &str) -> Option<TopicMeta> {
+        self.sm.read(|m| m.topic(name).cloned())
+    }
+
+    fn addr_of(&self, node: NodeId) -> Option<String> {
+        self.sm
+            .read(|m| m.nodes().get(&node).map(|n| n.addr.clone()))
+    }
+
+    /// Waits until the local state machine applies something new, or `max` passes.
+    async fn wait_change(&self, max: Duration) {
+        let mut rx = self.sm.subscribe();
+        let _ = tokio::time::timeout(max, rx.changed()).await;
+    }
+
+    // ------------------------------------------------------------------ metadata
+
+    /// Proposes a metadata command, forwarding it to the Raft leader if needed.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, Failure> {
+        let resp = self.propose_raw(cmd).await?;
+        match resp.result {
+            Some(Ok(o)) => Ok(o),
+            Some(Err(rejected)) => Err(rejected),
+            None => Err("proposal applied without a result".into()),
+        }
+    }
+
+    async fn propose_raw(&self, cmd: Command) -> Result<MetaResponse, Failure> {
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => {
+                let Some(leader) = e.forward_to_leader().and_then(|f| f.leader_node.clone()) else {
+                    return Err(format!("no metadata leader: {e}"));
+                };
+                match self
+                    .peers
+                    .get(&leader.addr)
+                    .call(&RpcRequest::Propose(cmd), self.cfg.request_timeout)
+                    .await
+                {
+                    Ok(RpcResponse::Propose(r)) => r,
+                    Ok(_) => Err("mismatched rpc response".into()),
+                    Err(e) => Err(format!("metadata leader {} unreachable: {e}", leader.addr)),
+                }
+            }
+        }
+    }
+
+    /// Registers this node in the metadata (address and liveness); idempotent.
+    pub async fn register_self(&self) -> Result<(), Failure> {
+        self.propose(Command::RegisterNode {
+            node: self.me(),
+            addr: self.cfg.raft_advertise.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Adds a node: learner first, voter once caught up, then registered in the metadata.
+    pub async fn join(
+        &self,
+        id: u64,
+        raft_addr: String,
+        client_addr: String,
+    ) -> Result<(), Failure> {
+        if let Err(e) = self.raft.ensure_linearizable().await {
+            let Some(leader) = e.forward_to_leader().and_then(|f| f.leader_node.clone()) else {
+                return Err(format!("no metadata leader: {e}"));
+            };
+            let req = RpcRequest::Join {
+                id,
+                raft_addr,
+                client_addr,
+            };
+            return match self
+                .peers
+                .get(&leader.addr)
+                .call(&req, self.cfg.request_timeout * 6)
+                .await
+            {
+                Ok(RpcResponse::Join(r)) => r,
+                Ok(_) => Err("mismatched rpc response".into()),
+                Err(e) => Err(format!("metadata leader unreachable: {e}")),
+            };
+        }
+        tracing::info!(id, %raft_addr, %client_addr, "adding node as learner");
+        self.raft
+            .add_learner(id, BasicNode::new(raft_addr.clone()), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        let voters: BTreeSet<u64> = [id].into_iter().collect();
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(id, "node is a voter");
+        self.propose(Command::RegisterNode {
+            node: NodeId(id),
+            addr: raft_addr,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    // ------------------------------------------------------------------ PUT
+
+    /// Appends `payload` to `topic` (created if needed) and returns its topic-wide offset.
+    /// `forwarded` marks a request another node routed here: it is never forwarded again.
+    pub async fn put(&self, topic: &str, payload: &[u8], forwarded: bool) -> Result<u64, Failure> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.cfg.request_timeout;
+        loop {
+            if Instant::now() >= deadline {
+                return Err("timed out waiting for the segment leader".into());
+            }
+            let Some(t) = self.topic(topic) else {
+                if forwarded {
+                    return Err("unknown topic here; retry".into());
+                }
+                self.propose(Command::CreateTopic {
+                    name: topic.to_string(),
+                })
+                .await?;
+                self.wait_for_topic(topic).await;
+                continue;
+            };
+            let Some(seg) = t.open_segment().cloned() else {
+                self.wait_change(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Some(leader) = seg.leader() else {
+                return Err("open segment has no leader".into());
+            };
+            if leader == self.me() {
+                match self.append_local(topic, &seg, payload)? {
+                    Some(offset) => return Ok(offset),
+                    // Sealing: wait for the next segment to open.
+                    None => self.wait_change(Duration::from_millis(50)).await,
+                }
+                continue;
+            }
+            if forwarded {
+                return Err("not the segment leader; retry".into());
+            }
+            let Some(addr) = self.addr_of(leader) else {
+                return Err(format!("no address for node {}", leader.0));
+            };
+            self.counters.puts_forwarded.fetch_add(1, Ordering::Relaxed);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let req = RpcRequest::Put {
+                topic: topic.to_string(),
+                payload: payload.to_vec(),
+            };
+            match self.peers.get(&addr).call(&req, remaining).await {
+                Ok(RpcResponse::Put(Ok(offset))) => return Ok(offset),
+                Ok(RpcResponse::Put(Err(e))) if e.ends_with("retry") => {
+                    self.wait_change(Duration::from_millis(50)).await;
+                }
+                Ok(RpcResponse::Put(Err(e))) => return Err(e),
+                Ok(_) => return Err("mismatched rpc response".into()),
+                Err(e) => return Err(format!("segment leader {} unavailable: {e}", leader.0)),
+            }
+        }
+    }
+
+    async fn wait_for_topic(&self, topic: &str) {
+        for _ in 0..20 {
+            if self.topic(topic).is_some() {
+                return;
+            }
+            self.wait_change(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn gate(&self, seg: SegmentId) -> Arc<RwLock<bool>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(seg)
+            .or_default()
+            .clone()
+    }
+
+    /// Appends on this node, the open segment's leader. `Ok(None)` while the segment is being
+    /// sealed.
+    fn append_local(
+        &self,
+        topic: &str,
+        seg: &SegmentMeta,
+        payload: &[u8],
+    ) -> Result<Option<u64>, Failure> {
+        let gate = self.gate(seg.id);
+        let key = segment_key(topic, seg.id);
+        let position = {
+            let frozen = gate.read().unwrap_or_else(|p| p.into_inner());
+            if *frozen {
+                return Ok(None);
+            }
+            // The append blocks for its fsync (group commit); keep the runtime's other tasks
+            // moving meanwhile.
+            tokio::task::block_in_place(|| self.data.append(&key, payload))
+                .map_err(|e| format!("append failed: {e}"))?
+        };
+        if position + 1 >= self.cfg.max_segment_entries {
+            // Close the gate now so the count stays exact; the rollover loop proposes the seal
+            // within one tick.
+            self.close_gate(topic, seg.id);
+        }
+        Ok(Some(seg.base_offset + position))
+    }
+
+    fn close_gate(&self, topic: &str, seg: SegmentId) {
+        *self.gate(seg).write().unwrap_or_else(|p| p.into_inner()) = true;
+        tracing::debug!(topic, segment = seg.0, "segment full; gate closed");
+    }
+
+    /// Seals `seg` (which this node leads) at its exact local length.
+    async fn seal(&self, topic: &str, seg: &SegmentMeta) -> Result<(), Failure> {
+        let gate = self.gate(seg.id);
+        *gate.write().unwrap_or_else(|p| p.into_inner()) = true;
+        let entries = self.data.entry_count(&segment_key(topic, seg.id));
+        let cmd = Command::Seal {
+            topic: topic.to_string(),
+            segment: seg.id,
+            epoch: seg.epoch,
+            entries,
+        };
+        match self.propose(cmd).await {
+            Ok(o) => {
+                self.counters.seals.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(topic, segment = seg.id.0, entries, outcome = ?o, "segment sealed");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    // ------------------------------------------------------------------ GET
+
+    /// Hands out the next entry at the topic's shared cursor (`None`: nothing to read).
+    pub async fn get(&self, topic: &str) -> Result<Option<Vec<u8>>, Failure> {
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let mut asked_report = false;
+        for _ in 0..GET_ATTEMPTS_MAX {
+            let Some(t) = self.topic(topic) else {
+                return Err("unknown topic".into());
+            };
+            let Some((plan, cmd)) = next_shared_read(topic, &t, 1) else {
+                if !asked_report {
+                    asked_report = true;
+                    self.ask_report(topic, &t).await;
+                    continue;
+                }
+                self.counters.gets_empty.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            };
+            // Read first, then claim: an entry is never skipped because its holder failed.
+            let mut entries = self.read_plan(topic, &plan).await?;
+            if entries.is_empty() {
+                return Err("segment holder returned nothing".into());
+            }
+            match self.propose(cmd).await {
+                Ok(Outcome::CursorAdvanced { .. }) => return Ok(Some(entries.swap_remove(0))),
+                Ok(_) | Err(_) => self.wait_change(Duration::from_millis(100)).await,
+            }
+        }
+        Err("cursor contended; retry".into())
+    }
+
+    async fn ask_report(&self, topic: &str, t: &TopicMeta) {
+        let Some(leader) = t.open_segment().and_then(|s| s.leader()) else {
+            return;
+        };
+        if leader == self.me() {
+            let _ = self.report_committed(topic).await;
+        } else if let Some(addr) = self.addr_of(leader) {
+            let req = RpcRequest::ReportCommitted {
+                topic: topic.to_string(),
+            };
+            let _ = self
+                .peers
+                .get(&addr)
+                .call(&req, self.cfg.request_timeout)
+                .await;
+        }
+        self.wait_change(Duration::from_millis(20)).await;
+    }
+
+    /// Reports this node's durable length of the topic's open segment, if it leads it and the
+    /// metadata lags.
+    pub async fn report_committed(&self, topic: &str) -> Result<(), Failure> {
+        let Some(t) = self.topic(topic) else {
+            return Err("unknown topic".into());
+        };
+        let Some(seg) = t.open_segment() else {
+            return Ok(());
+        };
+        if seg.leader() != Some(self.me()) {
+            return Err("not the segment leader".into());
+        }
+        let count = self.data.entry_count(&segment_key(topic, seg.id));
+        if count <= seg.committed {
+            return Ok(());
+        }
+        let cmd = Command::ReportCommitted {
+            topic: topic.to_string(),
+            segment: seg.id,
+            epoch: seg.epoch,
+            committed: count,
+        };
+        self.propose(cmd).await.map(|_| ())
+    }
+
+    async fn read_plan(&self, topic: &str, plan: &ReadPlan) -> Result<Vec<Vec<u8>>, Failure> {
+        let holder = *plan.replicas.first().ok_or("segment has no replica")?;
+        if holder == self.me() {
+            return self.read_local(topic, plan.segment.0, plan.position, plan.count);
+        }
+        let addr = self
+            .addr_of(holder)
+            .ok_or_else(|| format!("no address for node {}", holder.0))?;
+        let req = RpcRequest::Read {
+            topic: topic.to_string(),
+            segment: plan.segment.0,
+            position: plan.position,
+            count: plan.count,
+        };
+        match self
+            .peers
+            .get(&addr)
+            .call(&req, self.cfg.request_timeout)
+            .await
+        {
+            Ok(RpcResponse::Read(r)) => r,
+            Ok(_) => Err("mismatched rpc response".into()),
+            Err(e) => Err(format!("segment holder {} unavailable: {e}", holder.0)),
+        }
+    }
+
+    /// Reads entries of a segment held here.
+    pub fn read_local(
+        &self,
+        topic: &str,
+        segment: u64,
+        position: u64,
+        count: u64,
+    ) -> Result<Vec<Vec<u8>>, Failure> {
+        let key = segment_key(topic, SegmentId(segment));
+        self.data
+            .read_from(&key, position, count.min(10_000) as usize, 16 << 20)
+            .map(|v| v.into_iter().map(|e| e.data).collect())
+            .map_err(|e| format!("read failed: {e}"))
+    }
+
+    // ------------------------------------------------------------------ STATE, METRICS
+
+    /// `STATE <topic>` as JSON.
+    pub fn state_json(&self, topic: &str) -> Result<String, Failure> {
+        let t = self.topic(topic).ok_or("unknown topic")?;
+        let segments: Vec<_> = t
+            .segments
+            .iter()
+            .map(|s| {
+                let entries = match s.sealed_entries() {
+                    Some(n) => n,
+                    None if s.leader() == Some(self.me()) => {
+                        self.data.entry_count(&segment_key(topic, s.id))
+                    }
+                    None => s.committed,
+                };
+                json!({
+                    "id": s.id.0,
+                    "leader": s.leader().map(|n| n.0),
+                    "replicas": s.replicas.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    "epoch": s.epoch.0,
+                    "sealed": !s.is_open(),
+                    "base_offset": s.base_offset,
+                    "entry_count": entries,
+                    "committed": s.committed,
+                })
+            })
+            .collect();
+        Ok(json!({ "topic": topic, "cursor": t.cursor, "segments": segments }).to_string())
+    }
+
+    /// `METRICS` as JSON.
+    pub fn metrics_json(&self) -> String {
+        let m = self.raft.metrics().borrow().clone();
+        let c = &self.counters;
+        let nodes: BTreeMap<String, serde_json::Value> = self.sm.read(|md| {
+            md.nodes()
+                .iter()
+                .map(|(id, n)| (id.0.to_string(), json!({ "addr": n.addr, "live": n.live })))
+                .collect()
+        });
+        json!({
+            "node_id": self.cfg.id,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "raft": {
+                "state": format!("{:?}", m.state),
+                "current_term": m.current_term,
+                "current_leader": m.current_leader,
+                "last_log_index": m.last_log_index,
+                "last_applied": m.last_applied.map(|l| l.index),
+                "voters": m.membership_config.membership().voter_ids().collect::<Vec<_>>(),
+                "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
+            },
+            "nodes": nodes,
+            "counters": {
+                "puts": c.puts.load(Ordering::Relaxed),
+                "puts_forwarded": c.puts_forwarded.load(Ordering::Relaxed),
+                "gets": c.gets.load(Ordering::Relaxed),
+                "gets_empty": c.gets_empty.load(Ordering::Relaxed),
+                "errors": c.errors.load(Ordering::Relaxed),
+                "seals": c.seals.load(Ordering::Relaxed),
+            },
+        })
+        .to_string()
+    }
+
+    /// Counts a request that ended in `ERR`.
+    pub fn count_error(&self) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    // ------------------------------------------------------------------ background loops
+
+    /// Segments this node leads, per the local metadata.
+    fn led_open_segments(&self) -> Vec<(String, SegmentMeta)> {
+        let me = self.me();
+        self.sm.read(|m| {
+            m.topics()
+                .iter()
+                .filter_map(|(name, t)| {
+                    t.open_segment()
+                        .filter(|s| s.leader() == Some(me))
+                        .map(|s| (name.clone(), s.clone()))
+                })
+                .collect()
+        })
+    }
+
+    /// Reports committed lengths of the segments this node leads, forever.
+    pub async fn commit_report_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(COMMIT_REPORT_INTERVAL).await;
+            for (topic, seg) in self.led_open_segments() {
+                let count = self.data.entry_count(&segment_key(&topic, seg.id));
+                if count > seg.committed {
+                    if let Err(e) = self.report_committed(&topic).await {
+                        tracing::debug!(%topic, error = %e, "commit report failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rollover monitor: seals full segments this node leads (and retries seals whose
+    /// proposal failed).
+    pub async fn rollover_loop(self: Arc<Self>) {
+        let mut tick =
+            tokio::time::interval(self.cfg.monitor_check.min(Duration::from_millis(100)));
+        let mut last_full_scan = Instant::now();
+        loop {
+            tick.tick().await;
+            let full_scan = last_full_scan.elapsed() >= self.cfg.monitor_check;
+            if full_scan {
+                last_full_scan = Instant::now();
+            }
+            for (topic, seg) in self.led_open_segments() {
+                let closed = *self.gate(seg.id).read().unwrap_or_else(|p| p.into_inner());
+                let full = full_scan
+                    && self.data.entry_count(&segment_key(&topic, seg.id))
+                        >= self.cfg.max_segment_entries;
+                if closed || full {
+                    if let Err(e) = self.seal(&topic, &seg).await {
+                        tracing::warn!(%topic, segment = seg.id.0, error = %e, "seal failed; will retry");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The failure detector, active on the metadata leader: probes every registered node and
+    /// marks it dead after repeated failures (and live again once it answers).
+    pub async fn probe_loop(self: Arc<Self>) {
+        let mut failures: HashMap<NodeId, u32> = HashMap::new();
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let is_leader = self.raft.metrics().borrow().current_leader == Some(self.cfg.id);
+            if !is_leader {
+                failures.clear();
+                continue;
+            }
+            let nodes: Vec<(NodeId, String, bool)> = self.sm.read(|m| {
+                m.nodes()
+                    .iter()
+                    .map(|(id, n)| (*id, n.addr.clone(), n.live))
+                    .collect()
+            });
+            for (id, addr, live) in nodes {
+                if id == self.me() {
+                    continue;
+                }
+                let up = matches!(
+                    self.peers
+                        .get(&addr)
+                        .call(&RpcRequest::Ping, PROBE_INTERVAL)
+                        .await,
+                    Ok(RpcResponse::Pong)
+                );
+                let n = failures.entry(id).or_default();
+                *n = if up { 0 } else { *n + 1 };
+                let verdict = if up && !live {
+                    Some(true)
+                } else if !up && live && *n >= PROBE_FAILURES_MAX {
+                    Some(false)
+                } else {
+                    None
+                };
+                if let Some(live) = verdict {
+                    tracing::info!(node = id.0, live, "node liveness changed");
+                    let _ = self.propose(Command::SetNodeLive { node: id, live }).await;
+                }
+            }
+        }
+    }
+}
+
+/// Name of a segment's topic in the local `walrus` engine: short, valid, unique per segment.
+pub fn segment_key(topic: &str, segment: SegmentId) -> String {
+    format!("s{}-{:08x}", segment.0, crc32c::crc32c(topic.as_bytes()))
+}

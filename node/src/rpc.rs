@@ -1,0 +1,216 @@
+//! Internal RPC between nodes: Raft messages, forwarded metadata proposals, joins, and the data
+//! path (forwarded PUTs, segment reads). One TCP listener per node (the raft port); frames are
+//! `[u32 LE length][bincode body]`, bounded by [`RPC_FRAME_MAX`] before anything is allocated.
+//! Every call has a timeout: a partitioned peer costs a bounded wait, never a hang.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bincode::Options;
+use openraft::error::InstallSnapshotError;
+use openraft::error::RaftError;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use walrus_core::cluster::metadata::Command;
+
+use crate::meta::{MetaResponse, TypeConfig};
+
+/// Largest RPC frame: 64 MiB (a Raft append batch or a segment read).
+pub const RPC_FRAME_MAX: usize = 64 << 20;
+
+/// A request from one node to another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcRequest {
+    /// Raft replication.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft election.
+    Vote(VoteRequest<u64>),
+    /// Raft snapshot transfer.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A metadata command for the Raft leader to propose.
+    Propose(Command),
+    /// A new node asks to join: add it as a learner, then as a voter.
+    Join {
+        /// Its node id.
+        id: u64,
+        /// Its internal RPC address.
+        raft_addr: String,
+        /// Its client address.
+        client_addr: String,
+    },
+    /// A PUT forwarded to the leader of the topic's open segment.
+    Put {
+        /// Topic.
+        topic: String,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// Read entries of a segment this node holds.
+    Read {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+        /// Position in the segment.
+        position: u64,
+        /// Entries wanted.
+        count: u64,
+    },
+    /// Ask the leader of a topic's open segment to report its committed length now.
+    ReportCommitted {
+        /// Topic.
+        topic: String,
+    },
+    /// Liveness probe from the metadata leader.
+    Ping,
+}
+
+/// The answer to an [`RpcRequest`], variant for variant.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RpcResponse {
+    /// Raft replication.
+    AppendEntries(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// Raft election.
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// Raft snapshot transfer.
+    InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// Result of a proposal.
+    Propose(Result<MetaResponse, String>),
+    /// Result of a join.
+    Join(Result<(), String>),
+    /// The topic-wide offset of a forwarded PUT.
+    Put(Result<u64, String>),
+    /// Entries read.
+    Read(Result<Vec<Vec<u8>>, String>),
+    /// Result of a commit report.
+    ReportCommitted(Result<(), String>),
+    /// Answer to a probe.
+    Pong,
+}
+
+/// bincode settings for RPC bodies: fixed-width integers and a size limit on decode.
+pub fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(RPC_FRAME_MAX as u64)
+}
+
+/// Writes one frame holding `msg`.
+pub async fn write_msg<T: Serialize>(stream: &mut TcpStream, msg: &T) -> io::Result<()> {
+    let body = codec()
+        .serialize(msg)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    if body.len() > RPC_FRAME_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "rpc message over the frame limit",
+        ));
+    }
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).await
+}
+
+/// Reads one frame and decodes it; `Ok(None)` on a clean end of stream.
+pub async fn read_msg<T: for<'de> Deserialize<'de>>(
+    stream: &mut TcpStream,
+) -> io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > RPC_FRAME_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("rpc frame of {len} bytes is over the limit"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    codec()
+        .deserialize(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad rpc frame: {e}")))
+}
+
+/// A connection to one peer, opened lazily and reopened after an error. Calls on one client
+/// are serialized.
+pub struct RpcClient {
+    addr: String,
+    conn: Mutex<Option<TcpStream>>,
+}
+
+impl RpcClient {
+    /// A client for `addr` (`host:port`); nothing is connected yet.
+    pub fn new(addr: String) -> RpcClient {
+        RpcClient {
+            addr,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `req` and waits at most `timeout` for the answer. Errors of kind
+    /// `ConnectionRefused` mean the peer is down.
+    pub async fn call(&self, req: &RpcRequest, timeout: Duration) -> io::Result<RpcResponse> {
+        let mut guard = self.conn.lock().await;
+        let result = tokio::time::timeout(timeout, async {
+            if guard.is_none() {
+                let s = TcpStream::connect(&self.addr).await?;
+                s.set_nodelay(true)?;
+                *guard = Some(s);
+            }
+            let stream = guard.as_mut().expect("connected just above");
+            write_msg(stream, req).await?;
+            read_msg(stream).await?.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the connection")
+            })
+        })
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("rpc to {} timed out", self.addr),
+            )),
+        };
+        if result.is_err() {
+            // The stream may hold half a message: never reuse it.
+            *guard = None;
+        }
+        result
+    }
+}
+
+/// Clients by address, shared by everything that talks to peers.
+#[derive(Default, Clone)]
+pub struct Peers {
+    clients: Arc<std::sync::Mutex<HashMap<String, Arc<RpcClient>>>>,
+}
+
+impl Peers {
+    /// The client for `addr`, created on first use.
+    pub fn get(&self, addr: &str) -> Arc<RpcClient> {
+        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(addr.to_string())
+            .or_insert_with(|| Arc::new(RpcClient::new(addr.to_string())))
+            .clone()
+    }
+}

@@ -1,0 +1,182 @@
+//! The two listeners of a node: the client server (the walrus wire protocol) and the internal
+//! RPC server. Both bound every connection: frames are checked against their limit before any
+//! buffering, connections are capped by a semaphore, and every request has a deadline.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use walrus_core::wire::{encode_reply, parse_command, put_frame, take_frame, Command, Reply};
+
+use crate::node::Node;
+use crate::rpc::{read_msg, write_msg, RpcRequest, RpcResponse};
+
+/// Most client connections served at once; more wait in the accept queue.
+pub const CLIENT_CONNECTIONS_MAX: usize = 1024;
+/// Most internal RPC connections served at once.
+pub const RPC_CONNECTIONS_MAX: usize = 256;
+
+/// Serves clients on `listener` until the process ends.
+pub async fn serve_clients(node: Arc<Node>, listener: TcpListener, frame_max: usize) {
+    let slots = Arc::new(Semaphore::new(CLIENT_CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client_connection(&node, stream, frame_max).await {
+                tracing::debug!(%peer, error = %e, "client connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn client_connection(
+    node: &Node,
+    mut stream: TcpStream,
+    frame_max: usize,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(8 << 10);
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        // Answer every whole frame already buffered, in order.
+        loop {
+            match take_frame(&buf, frame_max) {
+                Ok(Some((body, used))) => {
+                    let reply = handle(node, body).await;
+                    if matches!(reply, Reply::Err(_)) {
+                        node.count_error();
+                    }
+                    let mut out = Vec::new();
+                    put_frame(&mut out, &encode_reply(&reply));
+                    stream.write_all(&out).await?;
+                    buf.drain(..used);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The stream can no longer be trusted as frames: say why and hang up.
+                    let mut out = Vec::new();
+                    put_frame(&mut out, &encode_reply(&Reply::Err(e.to_string())));
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+            }
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn handle(node: &Node, body: &[u8]) -> Reply {
+    let cmd = match parse_command(body) {
+        Ok(c) => c,
+        Err(e) => return Reply::Err(e.to_string()),
+    };
+    let timeout = node.config().request_timeout;
+    let work = async {
+        match cmd {
+            Command::Register(topic) => node
+                .propose(walrus_core::cluster::metadata::Command::CreateTopic {
+                    name: topic.to_string(),
+                })
+                .await
+                .map(|_| Reply::Ok(None)),
+            Command::Put(topic, payload) => node
+                .put(topic, payload, false)
+                .await
+                .map(|offset| Reply::Ok(Some(offset.to_string().into_bytes()))),
+            Command::Get(topic) => node.get(topic).await.map(|e| match e {
+                Some(data) => Reply::Ok(Some(data)),
+                None => Reply::Empty,
+            }),
+            Command::State(topic) => node
+                .state_json(topic)
+                .map(|j| Reply::Ok(Some(j.into_bytes()))),
+            Command::Metrics => Ok(Reply::Ok(Some(node.metrics_json().into_bytes()))),
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(reason)) => Reply::Err(reason),
+        Err(_) => Reply::Err(format!("timed out after {} ms", timeout.as_millis())),
+    }
+}
+
+/// Serves internal RPC on `listener` until the process ends.
+pub async fn serve_rpc(node: Arc<Node>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(RPC_CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            loop {
+                let req: RpcRequest = match read_msg(&mut stream).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "rpc connection dropped");
+                        break;
+                    }
+                };
+                let resp = rpc(&node, req).await;
+                if write_msg(&mut stream, &resp).await.is_err() {
+                    break;
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
+    let raft = node.raft();
+    match req {
+        RpcRequest::AppendEntries(r) => RpcResponse::AppendEntries(raft.append_entries(r).await),
+        RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await),
+        RpcRequest::InstallSnapshot(r) => {
+            RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)
+        }
+        RpcRequest::Propose(cmd) => RpcResponse::Propose(match raft.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => Err(format!("not the metadata leader: {e}")),
+        }),
+        RpcRequest::Join {
+            id,
+            raft_addr,
+            client_addr,
+        } => RpcResponse::Join(node.join(id, raft_addr, client_addr).await),
+        RpcRequest::Put { topic, payload } => {
+            RpcResponse::Put(node.put(&topic, &payload, true).await)
+        }
+        RpcRequest::Read {
+            topic,
+            segment,
+            position,
+            count,
+        } => RpcResponse::Read(node.read_local(&topic, segment, position, count)),
+        RpcRequest::ReportCommitted { topic } => {
+            RpcResponse::ReportCommitted(node.report_committed(&topic).await)
+        }
+        RpcRequest::Ping => RpcResponse::Pong,
+    }
+}

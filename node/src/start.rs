@@ -1,0 +1,215 @@
+//! Starting a node: flags, the data directory, Raft, listeners and background loops.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::net::TcpListener;
+
+use crate::meta::{LogStore, Raft, StateMachine};
+use crate::network::NetworkFactory;
+use crate::node::{Node, NodeConfig};
+use crate::server::{serve_clients, serve_rpc};
+
+/// Command-line flags (as upstream walrus documents them).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "walrus-node", about = "A walrus cluster node")]
+pub struct Args {
+    /// This node's id (any u64, stable across restarts).
+    #[arg(long)]
+    pub node_id: u64,
+    /// Data directory.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Port for Raft and internal RPC.
+    #[arg(long, default_value_t = 6000)]
+    pub raft_port: u16,
+    /// Host to bind for Raft and internal RPC.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub raft_host: String,
+    /// Host other nodes use to reach this one (defaults to --raft-host).
+    #[arg(long)]
+    pub raft_advertise_host: Option<String>,
+    /// Port for clients.
+    #[arg(long, default_value_t = 8080)]
+    pub client_port: u16,
+    /// Host to bind for clients.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub client_host: String,
+    /// Raft address (host:port) of an existing node to join; without it, this node starts (or
+    /// restarts) a cluster of its own.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Entries after which an open segment is sealed.
+    #[arg(long, env = "WALRUS_MAX_SEGMENT_ENTRIES", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_segment_entries: u64,
+    /// Period of the rollover monitor, in milliseconds.
+    #[arg(long, env = "WALRUS_MONITOR_CHECK_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub monitor_check_ms: u64,
+    /// Longest a client request may wait before it gets `ERR`, in milliseconds.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub request_timeout_ms: u64,
+    /// Largest client frame accepted, in bytes.
+    #[arg(long, default_value_t = walrus_core::wire::FRAME_LEN_MAX_DEFAULT)]
+    pub max_frame_bytes: usize,
+}
+
+/// Runs a node until the process is stopped.
+pub async fn run(args: Args) -> Result<(), String> {
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
+    check_node_id(&args)?;
+    let raft_advertise = format!(
+        "{}:{}",
+        args.raft_advertise_host
+            .as_deref()
+            .unwrap_or(&args.raft_host),
+        args.raft_port
+    );
+    let client_advertise = format!("{}:{}", args.client_host, args.client_port);
+    let rpc_listener = TcpListener::bind((args.raft_host.as_str(), args.raft_port))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot bind raft {}:{}: {e}",
+                args.raft_host, args.raft_port
+            )
+        })?;
+    let client_listener = TcpListener::bind((args.client_host.as_str(), args.client_port))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot bind client {}:{}: {e}",
+                args.client_host, args.client_port
+            )
+        })?;
+
+    let log = LogStore::open(&args.data_dir.join("raft"))
+        .map_err(|e| format!("cannot open the raft log: {e}"))?;
+    let sm = StateMachine::new(1);
+    let config = Config {
+        cluster_name: "walrus".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        snapshot_policy: SnapshotPolicy::Never,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| format!("raft config: {e}"))?;
+    let raft = Raft::new(
+        args.node_id,
+        Arc::new(config),
+        NetworkFactory,
+        log,
+        sm.clone(),
+    )
+    .await
+    .map_err(|e| format!("cannot start raft: {e}"))?;
+
+    let cfg = NodeConfig {
+        id: args.node_id,
+        data_dir: args.data_dir.clone(),
+        raft_advertise: raft_advertise.clone(),
+        client_advertise: client_advertise.clone(),
+        max_segment_entries: args.max_segment_entries,
+        monitor_check: Duration::from_millis(args.monitor_check_ms),
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+    };
+    let node = Arc::new(
+        Node::new(cfg, raft.clone(), sm).map_err(|e| format!("cannot open segment store: {e}"))?,
+    );
+    tokio::spawn(serve_rpc(node.clone(), rpc_listener));
+
+    match &args.join {
+        None => {
+            let members: BTreeMap<u64, BasicNode> =
+                [(args.node_id, BasicNode::new(raft_advertise.clone()))].into();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!("initialized a new cluster"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    tracing::info!("restarting an existing cluster member")
+                }
+                Err(e) => return Err(format!("cannot initialize raft: {e}")),
+            }
+        }
+        Some(addr) => join(&node, addr, &raft_advertise, &client_advertise).await?,
+    }
+    // Register (or refresh) this node's address once a leader exists; retried until it works.
+    {
+        let node = node.clone();
+        tokio::spawn(async move {
+            for attempt in 0u32..600 {
+                match node.register_self().await {
+                    Ok(()) => return,
+                    Err(e) => tracing::debug!(attempt, error = %e, "registration pending"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::error!("could not register this node in the metadata");
+        });
+    }
+    tokio::spawn(node.clone().commit_report_loop());
+    tokio::spawn(node.clone().rollover_loop());
+    tokio::spawn(node.clone().probe_loop());
+    tracing::info!(node_id = args.node_id, client = %client_advertise, raft = %raft_advertise, "walrus node serving");
+    serve_clients(node, client_listener, args.max_frame_bytes).await;
+    Ok(())
+}
+
+async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Result<(), String> {
+    if node
+        .raft()
+        .is_initialized()
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        tracing::info!("already a cluster member; not joining again");
+        return Ok(());
+    }
+    let peers = crate::rpc::RpcClient::new(addr.to_string());
+    let req = crate::rpc::RpcRequest::Join {
+        id: node.config().id,
+        raft_addr: raft_addr.to_string(),
+        client_addr: client_addr.to_string(),
+    };
+    let mut last = String::new();
+    for _ in 0..60 {
+        match peers.call(&req, Duration::from_secs(30)).await {
+            Ok(crate::rpc::RpcResponse::Join(Ok(()))) => {
+                tracing::info!(%addr, "joined the cluster");
+                return Ok(());
+            }
+            Ok(crate::rpc::RpcResponse::Join(Err(e))) => last = e,
+            Ok(_) => last = "mismatched rpc response".into(),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!("could not join via {addr}: {last}"))
+}
+
+/// The node id is stored next to the data: a data directory never changes hands silently.
+fn check_node_id(args: &Args) -> Result<(), String> {
+    let path = args.data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(id) if id == args.node_id => Ok(()),
+            Ok(id) => Err(format!(
+                "{} belongs to node {id}, not {}",
+                args.data_dir.display(),
+                args.node_id
+            )),
+            Err(_) => Err(format!("{} is not a node id file", path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{}\n", args.node_id))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}

@@ -1,0 +1,224 @@
+//! End-to-end tests on real processes: `walrus-node` binaries on loopback with free ports and
+//! their own data directories, driven over TCP with the `walrus-cli` client. Every process a
+//! test starts is killed by its handle when the test ends; every wait is bounded.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use walrus_cli::Client;
+use walrus_core::wire::{put_frame, Reply};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One `walrus-node` process; killed on drop.
+struct NodeProc {
+    id: u64,
+    dir: PathBuf,
+    raft_port: u16,
+    client_port: u16,
+    child: Option<Child>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl NodeProc {
+    fn start(id: u64, dir: &Path, join: Option<u16>, env: &[(&str, &str)]) -> NodeProc {
+        let mut n = NodeProc {
+            id,
+            dir: dir.to_path_buf(),
+            raft_port: free_port(),
+            client_port: free_port(),
+            child: None,
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        n.spawn(join);
+        n
+    }
+
+    fn spawn(&mut self, join: Option<u16>) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walrus-node"));
+        cmd.arg("--node-id").arg(self.id.to_string())
+            .arg("--data-dir").arg(&self.dir)
+            .arg("--raft-port").arg(self.raft_port.to_string())
+            .arg("--client-port").arg(self.client_port.to_string())
+            .arg("--request-timeout-ms").arg("3000")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = join {
+            cmd.arg("--join").arg(format!("127.0.0.1:{p}"));
+        }
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn walrus-node"));
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn(None);
+    }
+
+    fn client(&self) -> Client {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(mut c) = Client::connect(&self.addr(), Duration::from_secs(5)) {
+                if let Ok(Reply::Ok(Some(m))) = c.request(b"METRICS") {
+                    if String::from_utf8_lossy(&m).contains("\"current_leader\":") && !String::from_utf8_lossy(&m).contains("\"current_leader\":null") {
+                        return c;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "node {} did not become ready", self.id);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn ok(r: Reply) -> Option<Vec<u8>> {
+    match r {
+        Reply::Ok(p) => p,
+        other => panic!("expected OK, got {other:?}"),
+    }
+}
+
+fn put(c: &mut Client, topic: &str, payload: &[u8]) -> Reply {
+    let mut body = format!("PUT {topic} ").into_bytes();
+    body.extend_from_slice(payload);
+    c.request(&body).unwrap()
+}
+
+/// Retries a request until it is not `ERR` (leadership moves, topics propagate), bounded.
+fn eventually(c: &mut Client, body: &[u8]) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c.request(body).unwrap();
+        if !matches!(r, Reply::Err(_)) || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn single_node_serves_the_protocol_and_survives_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::start(7, tmp.path(), None, &[]);
+    let mut c = node.client();
+    assert_eq!(c.request(b"REGISTER logs").unwrap(), Reply::Ok(None));
+    // Payloads are bytes, kept exactly: spaces, newlines, NULs, invalid UTF-8.
+    let payloads: Vec<Vec<u8>> = vec![b"hello world".to_vec(), b"  two  spaces \n".to_vec(), vec![0, 255, 0, 32, 10], Vec::new()];
+    for p in &payloads {
+        ok(put(&mut c, "logs", p));
+    }
+    assert_eq!(ok(c.request(b"GET logs").unwrap()).unwrap_or_default(), payloads[0]);
+    // Malformed input gets ERR and the connection stays usable.
+    assert!(matches!(c.request(b"FROB logs").unwrap(), Reply::Err(_)));
+    assert!(matches!(c.request(b"GET no/such").unwrap(), Reply::Err(_)));
+    let state = String::from_utf8(ok(c.request(b"STATE logs").unwrap()).unwrap()).unwrap();
+    assert!(state.contains("\"segments\"") && state.contains("\"epoch\""), "{state}");
+    let metrics = String::from_utf8(ok(c.request(b"METRICS").unwrap()).unwrap()).unwrap();
+    assert!(metrics.contains("\"raft\"") && metrics.contains("\"puts\":4"), "{metrics}");
+
+    // Restart twice: data and the shared cursor come back.
+    for round in 0..2 {
+        node.restart();
+        let mut c = node.client();
+        let want = &payloads[round + 1];
+        assert_eq!(eventually(&mut c, b"GET logs"), Reply::Ok(Some(want.clone())), "after restart {round}");
+        ok(put(&mut c, "logs", format!("after restart {round}").as_bytes()));
+    }
+    let mut c = node.client();
+    assert_eq!(eventually(&mut c, b"GET logs"), Reply::Ok(Some(Vec::new())));
+    assert_eq!(c.request(b"GET logs").unwrap(), Reply::Ok(Some(b"after restart 0".to_vec())));
+    assert_eq!(c.request(b"GET logs").unwrap(), Reply::Ok(Some(b"after restart 1".to_vec())));
+    assert_eq!(c.request(b"GET logs").unwrap(), Reply::Empty);
+}
+
+#[test]
+fn an_oversized_frame_gets_err_and_the_connection_is_closed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(1, tmp.path(), None, &[]);
+    drop(node.client());
+    let mut s = TcpStream::connect(node.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Announce 2 MiB (over the 1 MiB default) and follow with bytes that look like frames.
+    s.write_all(&(2u32 << 20).to_le_bytes()).unwrap();
+    let mut sneaky = Vec::new();
+    put_frame(&mut sneaky, b"REGISTER sneaky");
+    let _ = s.write_all(&sneaky);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(reply.len() > 4, "an ERR reply comes back before the close");
+    assert!(reply[4..].starts_with(b"ERR"), "{:?}", String::from_utf8_lossy(&reply));
+    let mut c = node.client();
+    assert!(matches!(c.request(b"STATE sneaky").unwrap(), Reply::Err(_)), "the trailing bytes were never parsed");
+}
+
+#[test]
+fn three_nodes_rotate_leaders_and_share_one_cursor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("WALRUS_MAX_SEGMENT_ENTRIES", "4")];
+    let n1 = NodeProc::start(10, &tmp.path().join("a"), None, &env);
+    drop(n1.client());
+    let n2 = NodeProc::start(20, &tmp.path().join("b"), Some(n1.raft_port), &env);
+    let mut n3 = NodeProc::start(30, &tmp.path().join("c"), Some(n1.raft_port), &env);
+    let mut clients = vec![n1.client(), n2.client(), n3.client()];
+    assert_eq!(eventually(&mut clients[1], b"REGISTER events"), Reply::Ok(None));
+    let total = 20;
+    for i in 0..total {
+        let c = &mut clients[i % 3];
+        let body = format!("PUT events e{i}");
+        ok(eventually(c, body.as_bytes()));
+    }
+    // Segments of 4 entries, leaders round-robin over all three nodes.
+    let state = String::from_utf8(ok(eventually(&mut clients[0], b"STATE events")).unwrap()).unwrap();
+    for id in [10, 20, 30] {
+        assert!(state.contains(&format!("\"leader\":{id}")), "node {id} never led a segment: {state}");
+    }
+    // GETs from all nodes hand out each entry once, in order.
+    let mut got = Vec::new();
+    for i in 0..total {
+        let r = eventually(&mut clients[(i + 1) % 3], b"GET events");
+        got.push(String::from_utf8(ok(r).unwrap()).unwrap());
+    }
+    let want: Vec<String> = (0..total).map(|i| format!("e{i}")).collect();
+    assert_eq!(got, want);
+    assert_eq!(clients[2].request(b"GET events").unwrap(), Reply::Empty);
+
+    // A node that is down: requests needing it get ERR quickly, never a hang.
+    n3.kill();
+    let started = Instant::now();
+    for i in 0..6 {
+        let r = put(&mut clients[i % 2], "events", b"while down");
+        assert!(started.elapsed() < Duration::from_secs(30), "a request hung");
+        let _ = r;
+    }
+    n3.restart();
+    let mut c3 = n3.client();
+    let state = String::from_utf8(ok(eventually(&mut c3, b"STATE events")).unwrap()).unwrap();
+    assert!(state.contains("\"segments\""));
+}

@@ -143,8 +143,9 @@ pub enum ClientReply {
     BadBatch,
 }
 
-/// Messages between segment replicas and the recovery coordinator.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Messages between segment replicas and the recovery coordinator. Ordered so that test
+/// harnesses and models can keep in-flight messages as a canonical set.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerMsg {
     /// Leader → follower: entries starting at `pos`, with the leader's committed length.
     Append {

@@ -145,7 +145,18 @@ impl Recovery {
             RecoveryInput::Tick => match &self.phase {
                 Phase::Fencing => self.send_fences(out),
                 Phase::Proposed { len, .. } => out.push(self.proposal(*len)),
-                Phase::Sealing { .. } => self.send_seals(out),
+                Phase::Sealing { donor, done, .. } => {
+                    // The donor may have crashed; any replica that reported `SealDone` holds
+                    // exactly the sealed entries and can serve the stragglers instead.
+                    if !done.contains(donor) {
+                        if let Some(&d) = done.iter().next() {
+                            if let Phase::Sealing { donor, .. } = &mut self.phase {
+                                *donor = d;
+                            }
+                        }
+                    }
+                    self.send_seals(out)
+                }
                 Phase::Done { .. } => {}
             },
         }

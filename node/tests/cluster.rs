@@ -222,3 +222,21 @@ fn three_nodes_rotate_leaders_and_share_one_cursor() {
     let state = String::from_utf8(ok(eventually(&mut c3, b"STATE events")).unwrap()).unwrap();
     assert!(state.contains("\"segments\""));
 }
+
+#[test]
+fn bad_flags_and_values_exit_with_code_2() {
+    let bin = env!("CARGO_BIN_EXE_walrus-node");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(bin);
+        c.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.status().unwrap().code()
+    };
+    assert_eq!(run(&[], &[]), Some(2), "missing --node-id");
+    assert_eq!(run(&["--node-id", "x"], &[]), Some(2));
+    assert_eq!(run(&["--node-id", "1", "--raft-port", "70000"], &[]), Some(2));
+    assert_eq!(run(&["--node-id", "1"], &[("WALRUS_MAX_SEGMENT_ENTRIES", "lots")]), Some(2));
+    assert_eq!(run(&["--node-id", "1"], &[("WALRUS_MONITOR_CHECK_MS", "0")]), Some(2));
+}

@@ -5,11 +5,17 @@
 //! ```text
 //! cargo bench -p walrus --bench engine -- [--quick] [--secs N] [--phase-secs N]
 //!     [--only e1,e2,e3,e4] [--engines walrus,walrus-rust,rocksdb] [--dir PATH]
-//!     [--max-gib N] [--seed N]
+//!     [--max-gib N] [--seed N] [--backend io_uring|pwrite] [--round-secs N]
 //! ```
 //!
-//! Prints markdown: the machine, the ceilings, one table per workload (a column per engine and
-//! the ratio of each engine to walrus-rust), the targets, and the process's peak RSS.
+//! Every write phase opens all engines at once, each on a fresh directory, and lets them take
+//! turns in rounds of about a second (A B, B A, …), so that load drifting on a shared machine
+//! hits every engine alike; durable phases also probe the disk's fdatasync rate before each
+//! round. A failing or panicking engine is reported as "failed: …" and the run goes on.
+//!
+//! Prints markdown: the machine, the ceilings (at the start and at the end), one table per
+//! workload (a column per engine and the ratio of each engine to walrus-rust), the targets, and
+//! the process's peak RSS.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -83,6 +89,8 @@ struct Opts {
     quick: bool,
     /// Write path of our engine.
     backend: walrus::Backend,
+    /// Length of one engine's turn in a phase.
+    round_secs: f64,
 }
 
 const USAGE: &str = "\
@@ -95,7 +103,8 @@ usage: cargo bench -p walrus --bench engine -- [options]
   --dir PATH            scratch directory on the disk under test (deleted afterwards)
   --max-gib N           stop a write phase after N GiB of payload (default 6)
   --seed N              PRNG seed (default 42)
-  --backend B           walrus write path: io_uring (default) or pwrite";
+  --backend B           walrus write path: io_uring (default) or pwrite
+  --round-secs N        engines of a phase take turns in rounds of about N s (default 1)";
 
 fn parse_opts() -> Result<Opts, String> {
     let mut o = Opts {
@@ -111,6 +120,7 @@ fn parse_opts() -> Result<Opts, String> {
         seed: 42,
         quick: false,
         backend: walrus::Backend::IoUring,
+        round_secs: 1.0,
     };
     if cfg!(feature = "bench-rocksdb") {
         o.engines.push(Kind::RocksDb);
@@ -148,6 +158,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--bench" | "--quick" => {}
             "--secs" => o.secs = secs(value("--secs")?, "--secs")?,
             "--phase-secs" => o.phase_secs = secs(value("--phase-secs")?, "--phase-secs")?,
+            "--round-secs" => o.round_secs = secs(value("--round-secs")?, "--round-secs")?,
             "--max-gib" => {
                 let v = value("--max-gib")?;
                 let g: f64 = v
@@ -903,9 +914,18 @@ impl Report {
             ];
             for (phase, metric, want, what) in checks {
                 if let Some(v) = self.number("E4", &phase, metric, Kind::Walrus) {
+                    let disk = self
+                        .number("E4", &phase, PROBE_METRIC, Kind::Walrus)
+                        .map(|d| {
+                            format!(
+                                " (disk: {} fdatasync/s next to these rounds)",
+                                group_thousands(d)
+                            )
+                        })
+                        .unwrap_or_default();
                     out.push((
                         format!("{what}, {size} B: ≥ {} entries/s", group_thousands(want)),
-                        group_thousands(v),
+                        format!("{}{disk}", group_thousands(v)),
                         mark(Some(v >= want)),
                     ));
                 }
@@ -1053,6 +1073,12 @@ fn proc_status_kib(field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// (anonymous, file-backed) resident MiB.
+fn rss_split_mib() -> (f64, f64) {
+    let kib = |f| proc_status_kib(f).unwrap_or(0) as f64 / 1024.0;
+    (kib("RssAnon"), kib("RssFile") + kib("RssShmem"))
+}
+
 fn rss_mib() -> f64 {
     proc_status_kib("VmRSS").unwrap_or(0) as f64 / 1024.0
 }
@@ -1170,9 +1196,10 @@ fn machine_header(o: &Opts) -> String {
     );
     let _ = writeln!(
         s,
-        "| options | E1/E2 {} s, E4 {} s per phase, cap {:.1} GiB per write phase, seed {}{} |",
+        "| options | E1/E2 {} s, E4 {} s per phase and engine, rounds of ~{} s, cap {:.1} GiB per write phase, seed {}{} |",
         o.secs,
         o.phase_secs,
+        o.round_secs,
         o.max_bytes as f64 / GIB as f64,
         o.seed,
         if o.quick { ", --quick" } else { "" }
@@ -1193,6 +1220,60 @@ fn machine_header(o: &Opts) -> String {
 }
 
 // ------------------------------------------------------------------------------------- ceilings
+
+/// Short fdatasync probes taken next to the rounds of a durable phase: 4 KiB pwrite + fdatasync
+/// on a small preallocated file, as the ceiling but for a fraction of a second.
+struct FsyncProbe {
+    path: PathBuf,
+    file: fs::File,
+    next: u64,
+}
+
+impl FsyncProbe {
+    const BLOCKS: u64 = 256;
+
+    fn new(dir: &Path, name: &str) -> io::Result<FsyncProbe> {
+        let path = dir.join(format!("probe-{name}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.write_all_at(&vec![0u8; (Self::BLOCKS * 4 * KIB) as usize], 0)?;
+        file.sync_all()?;
+        Ok(FsyncProbe {
+            path,
+            file,
+            next: 0,
+        })
+    }
+
+    /// Returns (calls, seconds).
+    fn run(&mut self, secs: f64) -> io::Result<(u64, f64)> {
+        let block = [0x5au8; 4096];
+        let start = Instant::now();
+        let mut n = 0u64;
+        while n == 0 || start.elapsed().as_secs_f64() < secs {
+            self.file
+                .write_all_at(&block, (self.next % Self::BLOCKS) * 4 * KIB)?;
+            self.file.sync_data()?;
+            self.next += 1;
+            n += 1;
+        }
+        Ok((n, start.elapsed().as_secs_f64()))
+    }
+}
+
+impl Drop for FsyncProbe {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Length of one probe.
+const PROBE_SECS: f64 = 0.2;
+const PROBE_METRIC: &str = "disk fdatasync/s (0.2 s probes before its rounds)";
 
 /// fdatasync calls per second: one thread rewriting 4 KiB blocks of a preallocated (zero-written)
 /// 16 MiB file, `fdatasync` after each. Returns (calls/s, p50 µs, p99 µs).
@@ -1298,12 +1379,190 @@ struct Bench {
     pool: Vec<u8>,
 }
 
+/// One engine's part in a phase whose engines take turns in rounds.
+struct Slot {
+    kind: Kind,
+    key: String,
+    engine: Option<Box<dyn Engine>>,
+    out: Option<WriteOut>,
+    failed: Option<String>,
+    rounds: usize,
+    /// Highest VmHWM (MiB) over its rounds (VmHWM is reset at each round's start).
+    peak: Option<f64>,
+    /// Sum over its rounds of (RSS after the round − RSS before it), MiB.
+    growth: f64,
+    /// Process RSS (MiB) before its first round and after its last.
+    rss_first: Option<f64>,
+    rss_last: f64,
+    /// fdatasync probes before its rounds (durable phases): (calls, seconds).
+    probe: (u64, f64),
+}
+
+impl Slot {
+    /// Closes the engine; a panic while closing is reported, not propagated.
+    fn close(&mut self) {
+        if let Some(e) = self.engine.take() {
+            if panic::catch_unwind(AssertUnwindSafe(move || drop(e))).is_err()
+                && self.failed.is_none()
+            {
+                self.failed = Some("panicked while closing".into());
+            }
+        }
+    }
+
+    fn result(&self) -> Result<&WriteOut, String> {
+        match (&self.failed, &self.out) {
+            (Some(why), _) => Err(why.clone()),
+            (None, Some(out)) => Ok(out),
+            (None, None) => Err("no round ran".into()),
+        }
+    }
+}
+
+impl WriteOut {
+    fn merge(&mut self, o: WriteOut) {
+        self.entries += o.entries;
+        self.bytes += o.bytes;
+        self.calls += o.calls;
+        self.secs += o.secs;
+        self.capped |= o.capped;
+        self.hist.add(&o.hist).expect("same histogram bounds");
+        for (topic, c) in o.topics {
+            match self.topics.iter_mut().find(|(t, _)| *t == topic) {
+                Some((_, mine)) => {
+                    mine.entries += c.entries;
+                    mine.bytes += c.bytes;
+                }
+                None => self.topics.push((topic, c)),
+            }
+        }
+    }
+}
+
 impl Bench {
     fn key(kind: Kind, phase: &str) -> String {
         format!("{}.{phase}", kind.name())
     }
 
-    /// E1 (and, after its NoFsync phase, E3 on the same data) or E2.
+    /// Opens every engine on a fresh directory of its own, then runs `spec` in rounds of about
+    /// `--round-secs` that alternate between the engines (ABBA order), so that drifting load on
+    /// a shared machine hits every engine alike. Each engine's results are summed over its rounds.
+    fn write_rounds(
+        &self,
+        name: &str,
+        phase_key: &str,
+        spec: &WriteSpec,
+        durable: bool,
+    ) -> Vec<Slot> {
+        let mut slots: Vec<Slot> = self
+            .o
+            .engines
+            .iter()
+            .map(|&kind| {
+                let key = Self::key(kind, phase_key);
+                let how = OpenAs {
+                    backend: self.o.backend,
+                    durable,
+                    reading: false,
+                };
+                let opened = phase(&format!("{name} {}: open", kind.name()), 10.0, || {
+                    open_engine(kind, &self.o.dir, &key, how)
+                });
+                let (engine, failed) = match opened {
+                    Ok(e) => (Some(e), None),
+                    Err(why) => (None, Some(format!("open: {why}"))),
+                };
+                Slot {
+                    kind,
+                    key,
+                    engine,
+                    out: None,
+                    failed,
+                    rounds: 0,
+                    peak: None,
+                    growth: 0.0,
+                    rss_first: None,
+                    rss_last: 0.0,
+                    probe: (0, 0.0),
+                }
+            })
+            .collect();
+        let mut probe = if durable {
+            FsyncProbe::new(&self.o.dir, phase_key)
+                .map_err(|e| eprintln!("[engine bench] fdatasync probe: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let rounds = ((spec.secs / self.o.round_secs).round() as usize).max(1);
+        let round_secs = spec.secs / rounds as f64;
+        for r in 0..rounds {
+            let order: Vec<usize> = if r % 2 == 0 {
+                (0..slots.len()).collect()
+            } else {
+                (0..slots.len()).rev().collect()
+            };
+            for i in order {
+                let slot = &mut slots[i];
+                let written = slot.out.as_ref().map_or(0, |o| o.bytes);
+                let Some(engine) = slot.engine.as_deref() else {
+                    continue;
+                };
+                if written >= spec.max_bytes {
+                    continue;
+                }
+                let round_spec = WriteSpec {
+                    secs: round_secs,
+                    max_bytes: spec.max_bytes - written,
+                    seed: spec.seed.wrapping_add(r as u64),
+                    ..spec.clone()
+                };
+                if let Some(p) = probe.as_mut() {
+                    match p.run(PROBE_SECS) {
+                        Ok((n, t)) => {
+                            slot.probe.0 += n;
+                            slot.probe.1 += t;
+                        }
+                        Err(e) => eprintln!("[engine bench] fdatasync probe: {e}"),
+                    }
+                }
+                let label = format!("{name} {} round {}/{rounds}", slot.kind.name(), r + 1);
+                let res = phase(&label, round_secs, || {
+                    let peak = PeakRss::start();
+                    let before = rss_mib();
+                    let out = run_writes(engine, &round_spec, &self.pool)?;
+                    let after = rss_mib();
+                    Ok((out, peak.finish(), before, after))
+                });
+                match res {
+                    Ok((out, peak, before, after)) => {
+                        match &mut slot.out {
+                            Some(acc) => acc.merge(out),
+                            None => slot.out = Some(out),
+                        }
+                        slot.rounds += 1;
+                        slot.peak = match (slot.peak, peak) {
+                            (Some(a), Some(b)) => Some(a.max(b)),
+                            (a, b) => a.or(b),
+                        };
+                        slot.growth += after - before;
+                        slot.rss_first.get_or_insert(before);
+                        slot.rss_last = after;
+                    }
+                    Err(why) => {
+                        slot.failed = Some(why);
+                        slot.close();
+                    }
+                }
+                // Every round starts with nothing left dirty by the one before it.
+                // SAFETY: sync(2) has no preconditions.
+                unsafe { libc::sync() };
+            }
+        }
+        slots
+    }
+
+    /// E1 (and, on its NoFsync data, E3) or E2.
     fn e1_e2(&self, table: &'static str, batch: usize) {
         let run_e3 = table == "E1" && self.o.workloads[2];
         let report_writes =
@@ -1313,232 +1572,220 @@ impl Bench {
                 continue;
             }
             let mode = mode_name(durable);
-            for &kind in &self.o.engines {
-                let key = Self::key(
-                    kind,
-                    &format!("{}-{}", table.to_lowercase(), mode.to_lowercase()),
-                );
-                let dir = self.o.dir.join(&key);
-                let spec = WriteSpec {
-                    topic: "writer",
-                    threads: 10,
-                    shared_topic: false,
-                    batch,
-                    sizes: Sizes::Uniform(500, 1024),
-                    secs: self.o.secs,
-                    max_bytes: self.o.max_bytes,
-                    seed: self.o.seed,
-                };
-                let name = format!("{table} {mode} {}", kind.name());
-                let res = phase(&name, self.o.secs, || {
-                    let peak = PeakRss::start();
-                    let rss_before = rss_mib();
-                    let engine = open_engine(
-                        kind,
-                        &self.o.dir,
-                        &key,
-                        OpenAs {
-                            backend: self.o.backend,
-                            durable,
-                            reading: false,
-                        },
-                    )?;
-                    let out = run_writes(&*engine, &spec, &self.pool)?;
-                    let rss_after = rss_mib();
-                    drop(engine);
-                    Ok((out, rss_before, peak.finish(), rss_after, rss_mib()))
-                });
-                match &res {
-                    Ok((out, before, peak, after, closed)) if report_writes => {
-                        let rate = out.entries as f64 / out.secs;
-                        let metric = if batch == 1 { "writes/s" } else { "entries/s" };
-                        push_row(table, mode, metric, kind, num(rate, Fmt::Int), true);
-                        push_row(
-                            table,
-                            mode,
-                            "MB/s (payload)",
-                            kind,
-                            num(out.bytes as f64 / 1e6 / out.secs, Fmt::F1),
-                            true,
-                        );
-                        if batch > 1 {
-                            push_row(
-                                table,
-                                mode,
-                                "batches/s",
-                                kind,
-                                num(out.calls as f64 / out.secs, Fmt::Int),
-                                true,
-                            );
-                        }
-                        let p50 = if batch == 1 {
-                            "p50 append µs"
-                        } else {
-                            "p50 batch µs"
-                        };
-                        let p99 = if batch == 1 {
-                            "p99 append µs"
-                        } else {
-                            "p99 batch µs"
-                        };
-                        push_row(
-                            table,
-                            mode,
-                            p50,
-                            kind,
-                            num(us(out.hist.value_at_quantile(0.5)), Fmt::F1),
-                            true,
-                        );
-                        push_row(
-                            table,
-                            mode,
-                            p99,
-                            kind,
-                            num(us(out.hist.value_at_quantile(0.99)), Fmt::F1),
-                            true,
-                        );
-                        push_row(
-                            table,
-                            mode,
-                            "run (s), entries",
-                            kind,
-                            Value::Text(format!(
-                                "{:.1} s{}, {}",
-                                out.secs,
-                                if out.capped { " (byte cap)" } else { "" },
-                                group_thousands(out.entries as f64)
-                            )),
-                            false,
-                        );
-                        push_row(
-                            table,
-                            mode,
-                            "peak RSS MiB (phase)",
-                            kind,
-                            peak_value(*peak),
-                            true,
-                        );
-                        if table == "E1" {
-                            push_row(
-                                table,
-                                mode,
-                                "RSS MiB before open / after writes / after close",
-                                kind,
-                                Value::Text(format!("{before:.0} / {after:.0} / {closed:.0}")),
-                                false,
-                            );
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(why) if report_writes => {
-                        push_row(
-                            table,
-                            mode,
-                            if batch == 1 { "writes/s" } else { "entries/s" },
-                            kind,
-                            Value::Failed(why.clone()),
-                            true,
-                        );
-                    }
-                    Err(_) => {}
+            let spec = WriteSpec {
+                topic: "writer",
+                threads: 10,
+                shared_topic: false,
+                batch,
+                sizes: Sizes::Uniform(500, 1024),
+                secs: self.o.secs,
+                max_bytes: self.o.max_bytes,
+                seed: self.o.seed,
+            };
+            let phase_key = format!("{}-{}", table.to_lowercase(), mode.to_lowercase());
+            let rss_before = rss_mib();
+            let mut slots =
+                self.write_rounds(&format!("{table} {mode}"), &phase_key, &spec, durable);
+            for s in &mut slots {
+                s.close();
+            }
+            let rss_closed = rss_mib();
+            if report_writes {
+                for s in &slots {
+                    self.write_rows(table, mode, batch, s);
                 }
-                if run_e3 && !durable {
-                    match &res {
-                        Ok((out, ..)) => self.e3(kind, &key, &out.topics),
-                        Err(why) => push_row(
-                            "E3",
-                            "(E1 NoFsync data)",
-                            "entries/s",
-                            kind,
-                            Value::Failed(format!("E1 failed: {why}")),
-                            true,
-                        ),
-                    }
+                if table == "E1" {
+                    with_report(|r| {
+                        r.notes.push(format!(
+                            "E1 {mode}: process RSS {rss_before:.0} MiB before the phase, {rss_closed:.0} MiB after \
+                             closing its engines"
+                        ))
+                    });
                 }
-                cleanup(&dir);
+            }
+            if run_e3 && !durable {
+                self.e3(&slots);
+            }
+            for s in &slots {
+                cleanup(&self.o.dir.join(&s.key));
             }
         }
     }
 
-    fn e3(&self, kind: Kind, key: &str, topics: &[(String, Counts)]) {
+    /// The disk's fdatasync rate measured next to this engine's rounds, if it was probed.
+    fn probe_row(table: &'static str, phase: &str, s: &Slot) {
+        if s.probe.1 > 0.0 {
+            let rate = num(s.probe.0 as f64 / s.probe.1, Fmt::Int);
+            push_row(table, phase, PROBE_METRIC, s.kind, rate, false);
+        }
+    }
+
+    fn write_rows(&self, table: &'static str, mode: &str, batch: usize, s: &Slot) {
+        let rate_metric = if batch == 1 { "writes/s" } else { "entries/s" };
+        let out = match s.result() {
+            Ok(out) => out,
+            Err(why) => {
+                push_row(table, mode, rate_metric, s.kind, Value::Failed(why), true);
+                return;
+            }
+        };
+        let rate = out.entries as f64 / out.secs;
+        push_row(table, mode, rate_metric, s.kind, num(rate, Fmt::Int), true);
+        let mbs = out.bytes as f64 / 1e6 / out.secs;
+        push_row(
+            table,
+            mode,
+            "MB/s (payload)",
+            s.kind,
+            num(mbs, Fmt::F1),
+            true,
+        );
+        if batch > 1 {
+            let bps = out.calls as f64 / out.secs;
+            push_row(table, mode, "batches/s", s.kind, num(bps, Fmt::Int), true);
+        }
+        let (p50, p99) = if batch == 1 {
+            ("p50 append µs", "p99 append µs")
+        } else {
+            ("p50 batch µs", "p99 batch µs")
+        };
+        let q = |x| num(us(out.hist.value_at_quantile(x)), Fmt::F1);
+        push_row(table, mode, p50, s.kind, q(0.5), true);
+        push_row(table, mode, p99, s.kind, q(0.99), true);
+        Self::probe_row(table, mode, s);
+        let run = format!(
+            "{:.1} s in {} rounds{}, {}",
+            out.secs,
+            s.rounds,
+            if out.capped { " (byte cap)" } else { "" },
+            group_thousands(out.entries as f64)
+        );
+        push_row(
+            table,
+            mode,
+            "time, entries",
+            s.kind,
+            Value::Text(run),
+            false,
+        );
+        push_row(
+            table,
+            mode,
+            "peak RSS MiB (its rounds)",
+            s.kind,
+            peak_value(s.peak),
+            true,
+        );
+        if table == "E1" {
+            let rss = format!(
+                "{:.0} → {:.0} (growth over its rounds {:+.1})",
+                s.rss_first.unwrap_or(0.0),
+                s.rss_last,
+                s.growth
+            );
+            push_row(
+                table,
+                mode,
+                "process RSS MiB, first → last round",
+                s.kind,
+                Value::Text(rss),
+                false,
+            );
+        }
+    }
+
+    /// E3: each engine reopens E1's NoFsync data and reads it all, once with batch reads and
+    /// once with `read_next` (a fresh instance for each pass).
+    fn e3(&self, slots: &[Slot]) {
         for (how, label) in [
             (ReadHow::Batch, "batch_read_for_topic (1 MiB)"),
             (ReadHow::Next, "read_next"),
         ] {
-            let name = format!("E3 {label} {}", kind.name());
-            let res = phase(&name, self.o.secs, || {
-                let peak = PeakRss::start();
-                let t0 = Instant::now();
-                let engine = open_engine(
-                    kind,
-                    &self.o.dir,
-                    key,
-                    OpenAs {
-                        backend: self.o.backend,
-                        durable: false,
-                        reading: true,
+            for s in slots {
+                let topics = match s.result() {
+                    Ok(out) => &out.topics,
+                    Err(why) => {
+                        let why = Value::Failed(format!("E1 failed: {why}"));
+                        push_row("E3", label, "entries/s", s.kind, why, true);
+                        continue;
+                    }
+                };
+                let how_open = OpenAs {
+                    backend: self.o.backend,
+                    durable: false,
+                    reading: true,
+                };
+                let res = phase(
+                    &format!("E3 {label} {}", s.kind.name()),
+                    self.o.secs,
+                    || {
+                        let peak = PeakRss::start();
+                        let t0 = Instant::now();
+                        let engine = open_engine(s.kind, &self.o.dir, &s.key, how_open)?;
+                        let open_secs = t0.elapsed().as_secs_f64();
+                        let out = run_reads(&*engine, topics, how)?;
+                        let split = rss_split_mib();
+                        drop(engine);
+                        Ok((open_secs, out, peak.finish(), split))
                     },
-                )?;
-                let open_secs = t0.elapsed().as_secs_f64();
-                let out = run_reads(&*engine, topics, how)?;
-                drop(engine);
-                Ok((open_secs, out, peak.finish()))
-            });
-            match res {
-                Ok((open_secs, out, peak)) => {
-                    push_row(
-                        "E3",
-                        label,
-                        "entries/s",
-                        kind,
-                        num(out.got.entries as f64 / out.secs, Fmt::Int),
-                        true,
-                    );
-                    push_row(
-                        "E3",
-                        label,
-                        "MB/s (payload)",
-                        kind,
-                        num(out.got.bytes as f64 / 1e6 / out.secs, Fmt::F1),
-                        true,
-                    );
-                    let check = if out.got == out.want {
-                        format!("all {}", group_thousands(out.got.entries as f64))
-                    } else {
-                        format!(
-                            "MISMATCH: {} of {} entries, {} of {} bytes",
-                            group_thousands(out.got.entries as f64),
-                            group_thousands(out.want.entries as f64),
-                            group_thousands(out.got.bytes as f64),
-                            group_thousands(out.want.bytes as f64)
-                        )
-                    };
-                    push_row(
-                        "E3",
-                        label,
-                        "entries read back",
-                        kind,
-                        Value::Text(check),
-                        false,
-                    );
-                    push_row(
-                        "E3",
-                        label,
-                        "open (recovery) s, untimed",
-                        kind,
-                        num(open_secs, Fmt::F2),
-                        true,
-                    );
-                    push_row(
-                        "E3",
-                        label,
-                        "peak RSS MiB (open + read)",
-                        kind,
-                        peak_value(peak),
-                        true,
-                    );
-                }
-                Err(why) => push_row("E3", label, "entries/s", kind, Value::Failed(why), true),
+                );
+                let (open_secs, out, peak, (anon, file)) = match res {
+                    Ok(v) => v,
+                    Err(why) => {
+                        push_row("E3", label, "entries/s", s.kind, Value::Failed(why), true);
+                        continue;
+                    }
+                };
+                let eps = out.got.entries as f64 / out.secs;
+                push_row("E3", label, "entries/s", s.kind, num(eps, Fmt::Int), true);
+                let mbs = out.got.bytes as f64 / 1e6 / out.secs;
+                push_row(
+                    "E3",
+                    label,
+                    "MB/s (payload)",
+                    s.kind,
+                    num(mbs, Fmt::F1),
+                    true,
+                );
+                let check = if out.got == out.want {
+                    format!("all {}", group_thousands(out.got.entries as f64))
+                } else {
+                    format!(
+                        "MISMATCH: {} of {} entries, {} of {} bytes",
+                        group_thousands(out.got.entries as f64),
+                        group_thousands(out.want.entries as f64),
+                        group_thousands(out.got.bytes as f64),
+                        group_thousands(out.want.bytes as f64)
+                    )
+                };
+                push_row(
+                    "E3",
+                    label,
+                    "entries read back",
+                    s.kind,
+                    Value::Text(check),
+                    false,
+                );
+                let open = num(open_secs, Fmt::F2);
+                push_row(
+                    "E3",
+                    label,
+                    "open (recovery) s, untimed",
+                    s.kind,
+                    open,
+                    true,
+                );
+                push_row(
+                    "E3",
+                    label,
+                    "peak RSS MiB (open + read)",
+                    s.kind,
+                    peak_value(peak),
+                    true,
+                );
+                let split = Value::Text(format!("{anon:.0} / {file:.0}"));
+                let metric = "RSS MiB after reading: anon / file-backed";
+                push_row("E3", label, metric, s.kind, split, false);
             }
         }
     }
@@ -1549,118 +1796,101 @@ impl Bench {
             for durable in [false, true] {
                 for (m, mode) in E4_MODES.iter().enumerate() {
                     let label = e4_phase(size, durable, mode);
-                    for &kind in &self.o.engines {
-                        let key = Self::key(
-                            kind,
-                            &format!("e4-{size}-{}-{m}", mode_name(durable).to_lowercase()),
-                        );
-                        let dir = self.o.dir.join(&key);
-                        let spec = WriteSpec {
-                            topic: "e4",
-                            threads: if m == 2 { 4 } else { 1 },
-                            shared_topic: true,
-                            batch: if m == 1 { 64 } else { 1 },
-                            sizes: Sizes::Fixed(size),
-                            secs: self.o.phase_secs,
-                            max_bytes: self.o.max_bytes,
-                            seed: self.o.seed,
-                        };
-                        let res = phase(
-                            &format!("E4 {label} {}", kind.name()),
-                            self.o.phase_secs,
-                            || {
-                                let peak = PeakRss::start();
-                                let engine = open_engine(
-                                    kind,
-                                    &self.o.dir,
-                                    &key,
-                                    OpenAs {
-                                        backend: self.o.backend,
-                                        durable,
-                                        reading: false,
-                                    },
-                                )?;
-                                let w = run_writes(&*engine, &spec, &self.pool)?;
-                                let r = run_reads(&*engine, &w.topics, ReadHow::Batch)?;
-                                drop(engine);
-                                Ok((w, r, peak.finish()))
-                            },
-                        );
-                        match res {
-                            Ok((w, r, peak)) => {
-                                if let Some(p) = peak {
-                                    let e = peaks.entry(kind.name()).or_insert(0.0);
-                                    *e = e.max(p);
-                                }
-                                let per_call = if m == 1 {
-                                    "p99 call µs (batch)"
-                                } else {
-                                    "p99 call µs"
-                                };
-                                push_row(
-                                    "E4",
-                                    &label,
-                                    "append entries/s",
-                                    kind,
-                                    num(w.entries as f64 / w.secs, Fmt::Int),
-                                    true,
-                                );
-                                push_row(
-                                    "E4",
-                                    &label,
-                                    per_call,
-                                    kind,
-                                    num(us(w.hist.value_at_quantile(0.99)), Fmt::F1),
-                                    true,
-                                );
-                                push_row(
-                                    "E4",
-                                    &label,
-                                    "read-back entries/s",
-                                    kind,
-                                    num(r.got.entries as f64 / r.secs, Fmt::Int),
-                                    true,
-                                );
-                                if r.got != r.want {
-                                    push_row(
-                                        "E4",
-                                        &label,
-                                        "read-back check",
-                                        kind,
-                                        Value::Text(format!(
-                                            "MISMATCH: {} of {} entries",
-                                            group_thousands(r.got.entries as f64),
-                                            group_thousands(r.want.entries as f64)
-                                        )),
-                                        false,
-                                    );
-                                }
-                            }
-                            Err(why) => push_row(
-                                "E4",
-                                &label,
-                                "append entries/s",
-                                kind,
-                                Value::Failed(why),
-                                true,
-                            ),
-                        }
-                        cleanup(&dir);
+                    let spec = WriteSpec {
+                        topic: "e4",
+                        threads: if m == 2 { 4 } else { 1 },
+                        shared_topic: true,
+                        batch: if m == 1 { 64 } else { 1 },
+                        sizes: Sizes::Fixed(size),
+                        secs: self.o.phase_secs,
+                        max_bytes: self.o.max_bytes,
+                        seed: self.o.seed,
+                    };
+                    let phase_key = format!("e4-{size}-{}-{m}", mode_name(durable).to_lowercase());
+                    let mut slots =
+                        self.write_rounds(&format!("E4 {label}"), &phase_key, &spec, durable);
+                    for s in &mut slots {
+                        self.e4_rows(&label, m, s, &mut peaks);
+                        s.close();
+                        cleanup(&self.o.dir.join(&s.key));
                     }
                 }
             }
         }
         for &kind in &self.o.engines {
             if let Some(p) = peaks.get(kind.name()) {
+                let v = num(*p, Fmt::Int);
                 push_row(
                     "E4",
                     "all E4 phases",
-                    "peak RSS MiB (highest phase)",
+                    "peak RSS MiB (highest round)",
                     kind,
-                    num(*p, Fmt::Int),
+                    v,
                     true,
                 );
             }
+        }
+    }
+
+    /// E4's rows for one engine, after reading everything it wrote back.
+    fn e4_rows(&self, label: &str, mode: usize, s: &Slot, peaks: &mut HashMap<&'static str, f64>) {
+        let w = match s.result() {
+            Ok(w) => w,
+            Err(why) => {
+                push_row(
+                    "E4",
+                    label,
+                    "append entries/s",
+                    s.kind,
+                    Value::Failed(why),
+                    true,
+                );
+                return;
+            }
+        };
+        if let Some(p) = s.peak {
+            let e = peaks.entry(s.kind.name()).or_insert(0.0);
+            *e = e.max(p);
+        }
+        let rate = num(w.entries as f64 / w.secs, Fmt::Int);
+        push_row("E4", label, "append entries/s", s.kind, rate, true);
+        let p99 = num(us(w.hist.value_at_quantile(0.99)), Fmt::F1);
+        let p99_metric = if mode == 1 {
+            "p99 call µs (batch)"
+        } else {
+            "p99 call µs"
+        };
+        push_row("E4", label, p99_metric, s.kind, p99, true);
+        Self::probe_row("E4", label, s);
+        let Some(engine) = s.engine.as_deref() else {
+            return;
+        };
+        let res = phase(
+            &format!("E4 {label} {}: read back", s.kind.name()),
+            60.0,
+            || run_reads(engine, &w.topics, ReadHow::Batch),
+        );
+        match res {
+            Ok(r) => {
+                let rate = num(r.got.entries as f64 / r.secs, Fmt::Int);
+                push_row("E4", label, "read-back entries/s", s.kind, rate, true);
+                if r.got != r.want {
+                    let check = Value::Text(format!(
+                        "MISMATCH: {} of {} entries",
+                        group_thousands(r.got.entries as f64),
+                        group_thousands(r.want.entries as f64)
+                    ));
+                    push_row("E4", label, "read-back check", s.kind, check, false);
+                }
+            }
+            Err(why) => push_row(
+                "E4",
+                label,
+                "read-back entries/s",
+                s.kind,
+                Value::Failed(why),
+                true,
+            ),
         }
     }
 }
@@ -1827,15 +2057,23 @@ fn main() {
                 .into(),
         );
         r.notes.push(
-            "each write phase gets a fresh data directory and engine instance; between phases the directory is \
-             deleted and sync(2) is called; reads are served from the page cache (data just written)"
-                .into(),
+            format!(
+                "each write phase opens every engine on a fresh data directory of its own; the engines then take turns \
+                 in rounds of about {} s (order A B, B A, A B, …; sync(2) after every round, untimed) and each engine's \
+                 rates are over the sum of its rounds, so that load drifting on this shared machine hits all engines \
+                 alike; afterwards the directories are deleted; reads are served from the page cache (data just \
+                 written)",
+                o.round_secs
+            ),
         );
         r.notes.push(format!(
-            "engine settings: walrus = io_uring backend, AtLeastOnce{{persist_every: {PERSIST_EVERY}}}; walrus-rust = \
-             AtLeastOnce{{persist_every: {PERSIST_EVERY}}}, FD backend (its default), process-global schedule pinned to \
-             NoFsync (see above); E3 reopens both with persist_every = u32::MAX (and no reclaiming) so that the \
-             read_next pass starts at offset 0 again"
+            "engine settings: walrus = {:?} backend, AtLeastOnce{{persist_every: {PERSIST_EVERY}}}; walrus-rust = \
+             AtLeastOnce{{persist_every: {PERSIST_EVERY}}}, FD backend (its default); walrus-rust decides once per process, \
+             at its first instance, whether its files get O_SYNC (SyncEach) or not, so the bench opens a NoFsync \
+             instance first: its NoFsync phases then really skip syncing, and its SyncEach appends still fsync after \
+             every append or batch; E3 reopens both with persist_every = u32::MAX (and no reclaiming) so that the \
+             read_next pass starts at offset 0 again",
+            o.backend
         ));
         if o.engines.contains(&Kind::RocksDb) {
             r.notes.push(

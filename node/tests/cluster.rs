@@ -14,7 +14,11 @@ use walrus_core::wire::{put_frame, Reply};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One `walrus-node` process; killed on drop.
@@ -35,7 +39,10 @@ impl NodeProc {
             raft_port: free_port(),
             client_port: free_port(),
             child: None,
-            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         n.spawn(join);
         n
@@ -43,11 +50,16 @@ impl NodeProc {
 
     fn spawn(&mut self, join: Option<u16>) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_walrus-node"));
-        cmd.arg("--node-id").arg(self.id.to_string())
-            .arg("--data-dir").arg(&self.dir)
-            .arg("--raft-port").arg(self.raft_port.to_string())
-            .arg("--client-port").arg(self.client_port.to_string())
-            .arg("--request-timeout-ms").arg("3000")
+        cmd.arg("--node-id")
+            .arg(self.id.to_string())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--raft-port")
+            .arg(self.raft_port.to_string())
+            .arg("--client-port")
+            .arg(self.client_port.to_string())
+            .arg("--request-timeout-ms")
+            .arg("3000")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -81,12 +93,18 @@ impl NodeProc {
         loop {
             if let Ok(mut c) = Client::connect(&self.addr(), Duration::from_secs(5)) {
                 if let Ok(Reply::Ok(Some(m))) = c.request(b"METRICS") {
-                    if String::from_utf8_lossy(&m).contains("\"current_leader\":") && !String::from_utf8_lossy(&m).contains("\"current_leader\":null") {
+                    if String::from_utf8_lossy(&m).contains("\"current_leader\":")
+                        && !String::from_utf8_lossy(&m).contains("\"current_leader\":null")
+                    {
                         return c;
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "node {} did not become ready", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not become ready",
+                self.id
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -130,31 +148,59 @@ fn single_node_serves_the_protocol_and_survives_restarts() {
     let mut c = node.client();
     assert_eq!(c.request(b"REGISTER logs").unwrap(), Reply::Ok(None));
     // Payloads are bytes, kept exactly: spaces, newlines, NULs, invalid UTF-8.
-    let payloads: Vec<Vec<u8>> = vec![b"hello world".to_vec(), b"  two  spaces \n".to_vec(), vec![0, 255, 0, 32, 10], Vec::new()];
+    let payloads: Vec<Vec<u8>> = vec![
+        b"hello world".to_vec(),
+        b"  two  spaces \n".to_vec(),
+        vec![0, 255, 0, 32, 10],
+        Vec::new(),
+    ];
     for p in &payloads {
         ok(put(&mut c, "logs", p));
     }
-    assert_eq!(ok(c.request(b"GET logs").unwrap()).unwrap_or_default(), payloads[0]);
+    assert_eq!(
+        ok(c.request(b"GET logs").unwrap()).unwrap_or_default(),
+        payloads[0]
+    );
     // Malformed input gets ERR and the connection stays usable.
     assert!(matches!(c.request(b"FROB logs").unwrap(), Reply::Err(_)));
     assert!(matches!(c.request(b"GET no/such").unwrap(), Reply::Err(_)));
     let state = String::from_utf8(ok(c.request(b"STATE logs").unwrap()).unwrap()).unwrap();
-    assert!(state.contains("\"segments\"") && state.contains("\"epoch\""), "{state}");
+    assert!(
+        state.contains("\"segments\"") && state.contains("\"epoch\""),
+        "{state}"
+    );
     let metrics = String::from_utf8(ok(c.request(b"METRICS").unwrap()).unwrap()).unwrap();
-    assert!(metrics.contains("\"raft\"") && metrics.contains("\"puts\":4"), "{metrics}");
+    assert!(
+        metrics.contains("\"raft\"") && metrics.contains("\"puts\":4"),
+        "{metrics}"
+    );
 
     // Restart twice: data and the shared cursor come back.
     for round in 0..2 {
         node.restart();
         let mut c = node.client();
         let want = &payloads[round + 1];
-        assert_eq!(eventually(&mut c, b"GET logs"), Reply::Ok(Some(want.clone())), "after restart {round}");
-        ok(put(&mut c, "logs", format!("after restart {round}").as_bytes()));
+        assert_eq!(
+            eventually(&mut c, b"GET logs"),
+            Reply::Ok(Some(want.clone())),
+            "after restart {round}"
+        );
+        ok(put(
+            &mut c,
+            "logs",
+            format!("after restart {round}").as_bytes(),
+        ));
     }
     let mut c = node.client();
     assert_eq!(eventually(&mut c, b"GET logs"), Reply::Ok(Some(Vec::new())));
-    assert_eq!(c.request(b"GET logs").unwrap(), Reply::Ok(Some(b"after restart 0".to_vec())));
-    assert_eq!(c.request(b"GET logs").unwrap(), Reply::Ok(Some(b"after restart 1".to_vec())));
+    assert_eq!(
+        c.request(b"GET logs").unwrap(),
+        Reply::Ok(Some(b"after restart 0".to_vec()))
+    );
+    assert_eq!(
+        c.request(b"GET logs").unwrap(),
+        Reply::Ok(Some(b"after restart 1".to_vec()))
+    );
     assert_eq!(c.request(b"GET logs").unwrap(), Reply::Empty);
 }
 
@@ -173,9 +219,16 @@ fn an_oversized_frame_gets_err_and_the_connection_is_closed() {
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply);
     assert!(reply.len() > 4, "an ERR reply comes back before the close");
-    assert!(reply[4..].starts_with(b"ERR"), "{:?}", String::from_utf8_lossy(&reply));
+    assert!(
+        reply[4..].starts_with(b"ERR"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
     let mut c = node.client();
-    assert!(matches!(c.request(b"STATE sneaky").unwrap(), Reply::Err(_)), "the trailing bytes were never parsed");
+    assert!(
+        matches!(c.request(b"STATE sneaky").unwrap(), Reply::Err(_)),
+        "the trailing bytes were never parsed"
+    );
 }
 
 #[test]
@@ -186,8 +239,11 @@ fn three_nodes_rotate_leaders_and_share_one_cursor() {
     drop(n1.client());
     let n2 = NodeProc::start(20, &tmp.path().join("b"), Some(n1.raft_port), &env);
     let mut n3 = NodeProc::start(30, &tmp.path().join("c"), Some(n1.raft_port), &env);
-    let mut clients = vec![n1.client(), n2.client(), n3.client()];
-    assert_eq!(eventually(&mut clients[1], b"REGISTER events"), Reply::Ok(None));
+    let mut clients = [n1.client(), n2.client(), n3.client()];
+    assert_eq!(
+        eventually(&mut clients[1], b"REGISTER events"),
+        Reply::Ok(None)
+    );
     let total = 20;
     for i in 0..total {
         let c = &mut clients[i % 3];
@@ -195,9 +251,13 @@ fn three_nodes_rotate_leaders_and_share_one_cursor() {
         ok(eventually(c, body.as_bytes()));
     }
     // Segments of 4 entries, leaders round-robin over all three nodes.
-    let state = String::from_utf8(ok(eventually(&mut clients[0], b"STATE events")).unwrap()).unwrap();
+    let state =
+        String::from_utf8(ok(eventually(&mut clients[0], b"STATE events")).unwrap()).unwrap();
     for id in [10, 20, 30] {
-        assert!(state.contains(&format!("\"leader\":{id}")), "node {id} never led a segment: {state}");
+        assert!(
+            state.contains(&format!("\"leader\":{id}")),
+            "node {id} never led a segment: {state}"
+        );
     }
     // GETs from all nodes hand out each entry once, in order.
     let mut got = Vec::new();
@@ -214,7 +274,10 @@ fn three_nodes_rotate_leaders_and_share_one_cursor() {
     let started = Instant::now();
     for i in 0..6 {
         let r = put(&mut clients[i % 2], "events", b"while down");
-        assert!(started.elapsed() < Duration::from_secs(30), "a request hung");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a request hung"
+        );
         let _ = r;
     }
     n3.restart();
@@ -236,7 +299,19 @@ fn bad_flags_and_values_exit_with_code_2() {
     };
     assert_eq!(run(&[], &[]), Some(2), "missing --node-id");
     assert_eq!(run(&["--node-id", "x"], &[]), Some(2));
-    assert_eq!(run(&["--node-id", "1", "--raft-port", "70000"], &[]), Some(2));
-    assert_eq!(run(&["--node-id", "1"], &[("WALRUS_MAX_SEGMENT_ENTRIES", "lots")]), Some(2));
-    assert_eq!(run(&["--node-id", "1"], &[("WALRUS_MONITOR_CHECK_MS", "0")]), Some(2));
+    assert_eq!(
+        run(&["--node-id", "1", "--raft-port", "70000"], &[]),
+        Some(2)
+    );
+    assert_eq!(
+        run(
+            &["--node-id", "1"],
+            &[("WALRUS_MAX_SEGMENT_ENTRIES", "lots")]
+        ),
+        Some(2)
+    );
+    assert_eq!(
+        run(&["--node-id", "1"], &[("WALRUS_MONITOR_CHECK_MS", "0")]),
+        Some(2)
+    );
 }

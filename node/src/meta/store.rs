@@ -350,11 +350,13 @@ impl LogStore {
             .map_err(io::Error::other)?
     }
 
-    fn mem(&self) -> Result<MutexGuard<'_, Mem>, StorageError<u64>> {
-        self.shared
-            .mem()
-            .map_err(|e| StorageIOError::read_logs(&e).into())
+    fn mem(&self) -> io::Result<MutexGuard<'_, Mem>> {
+        self.shared.mem()
     }
+}
+
+fn read_err(e: io::Error) -> StorageError<u64> {
+    StorageIOError::read_logs(&e).into()
 }
 
 /// The replayed log must have no holes (openraft never writes one).
@@ -399,7 +401,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let Some((start, end)) = index_range(&range) else {
             return Ok(Vec::new());
         };
-        let mem = self.mem()?;
+        let mem = self.mem().map_err(read_err)?;
         let found = match end {
             Some(end) => mem.log.range(start..end).map(|(_, e)| e.clone()).collect(),
             None => mem.log.range(start..).map(|(_, e)| e.clone()).collect(),
@@ -412,7 +414,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
-        let mem = self.mem()?;
+        let mem = self.mem().map_err(read_err)?;
         Ok(LogState {
             last_purged_log_id: mem.last_purged,
             last_log_id: mem.last_log_id(),
@@ -431,7 +433,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        Ok(self.mem()?.vote)
+        Ok(self.mem().map_err(read_err)?.vote)
     }
 
     async fn save_committed(
@@ -444,7 +446,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        Ok(self.mem()?.committed)
+        Ok(self.mem().map_err(read_err)?.committed)
     }
 
     async fn append<I>(
@@ -542,6 +544,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::reversed_empty_ranges)] // empty ranges are what is tested
     fn index_ranges() {
         assert_eq!(index_range(&(3..3)), None);
         assert_eq!(index_range(&(4..3)), None);

@@ -85,6 +85,15 @@ pub trait Disk: Send + Sync + 'static {
     }
 }
 
+/// A copy of an I/O error that keeps its OS error code (so `ENOSPC` stays recognisable) when
+/// one failure has to be reported to several callers.
+pub fn clone_io_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 /// The plain group commit: every write in order, then one `sync_data` per distinct file. An op
 /// fails if its write failed or its file's sync failed.
 pub fn write_batch_sequential<F: DiskFile>(
@@ -96,19 +105,20 @@ pub fn write_batch_sequential<F: DiskFile>(
         .map(|op| op.file.write_all_at(op.data, op.pos))
         .collect();
     if sync {
-        let mut synced: Vec<(*const F, Option<(io::ErrorKind, String)>)> = Vec::new();
+        let mut synced: Vec<(*const F, Option<io::Error>)> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let key = Arc::as_ptr(op.file);
             let failure = match synced.iter().find(|(k, _)| *k == key) {
-                Some((_, failure)) => failure.clone(),
+                Some((_, failure)) => failure.as_ref().map(clone_io_error),
                 None => {
-                    let failure = op.file.sync_data().err().map(|e| (e.kind(), e.to_string()));
-                    synced.push((key, failure.clone()));
-                    failure
+                    let failure = op.file.sync_data().err();
+                    let copy = failure.as_ref().map(clone_io_error);
+                    synced.push((key, failure));
+                    copy
                 }
             };
-            if let (Some((kind, msg)), Ok(())) = (failure, &results[i]) {
-                results[i] = Err(io::Error::new(kind, msg));
+            if let (Some(e), Ok(())) = (failure, &results[i]) {
+                results[i] = Err(e);
             }
         }
     }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 use memmap2::Mmap;
-use walrus_core::disk::{Disk, DiskFile, WriteOp};
+use walrus_core::disk::{clone_io_error, Disk, DiskFile, WriteOp};
 
 /// Which write path a [`LinuxDisk`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -320,14 +320,14 @@ fn uring_batch(
                 }
             }
             if let Some(e) = &first_err {
-                results[i] = Err(io::Error::new(e.kind(), e.to_string()));
+                results[i] = Err(clone_io_error(e));
             }
         }
         if sync {
             if let Err(e) = ops[idxs[0]].file.sync_data() {
                 for &i in idxs {
                     if results[i].is_ok() {
-                        results[i] = Err(io::Error::new(e.kind(), e.to_string()));
+                        results[i] = Err(clone_io_error(&e));
                     }
                 }
             }

@@ -14,11 +14,11 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use walrus_core::disk::{Disk, DiskFile, WriteOp};
+use walrus_core::disk::{clone_io_error, Disk, DiskFile, WriteOp};
 use walrus_core::limits::{
     BATCH_BYTES_MAX, BATCH_ENTRIES_MAX, ENTRY_PAYLOAD_MAX, INDEX_INTERVAL_BYTES,
 };
@@ -28,8 +28,8 @@ use walrus_core::wal::record::{
     decode_record, encode_record, encoded_len, RecordError, FLAG_BATCH_CONTINUES,
 };
 use walrus_core::wal::segment::{
-    encode_segment_header, parse_segment_file_name, scan_segment, segment_file_name, ScanStop,
-    SEGMENT_HEADER_LEN,
+    decode_segment_header, encode_segment_header, parse_segment_file_name, scan_segment,
+    segment_file_name, ScanStop, SegmentScan, SEGMENT_HEADER_LEN,
 };
 
 use crate::{Entry, FsyncSchedule, ReadConsistency};
@@ -46,6 +46,14 @@ const WAL_QUEUE_DEPTH: usize = 4096;
 const READ_CHUNK_BYTES: usize = 4 << 20;
 /// Name of a topic's cursor file.
 const CURSOR_FILE: &str = "cursor";
+/// Directory of the `SyncEach` journal; `~` cannot start a topic name, so it never clashes.
+const JOURNAL_DIR: &str = "~journal";
+/// The journal file.
+const JOURNAL_FILE: &str = "journal.wal";
+/// First allocation of the journal file.
+const JOURNAL_INITIAL_BYTES: u64 = 64 << 10;
+/// Journal size that triggers a checkpoint.
+const JOURNAL_BYTES_MAX: u64 = 64 << 20;
 
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 
@@ -64,6 +72,8 @@ pub(crate) struct Engine<D: Disk> {
     cfg: Config,
     topics: RwLock<HashMap<String, Arc<Topic<D>>>>,
     wal_tx: Option<SyncSender<Request<D>>>,
+    /// Segments written since the last journal checkpoint (`SyncEach`).
+    dirty: Arc<Mutex<Vec<Arc<Segment<D>>>>>,
 }
 
 struct Segment<D: Disk> {
@@ -79,6 +89,11 @@ struct Segment<D: Disk> {
     visible_pos: AtomicU64,
     /// Byte position up to which the file is known synced (`Milliseconds` only).
     synced_pos: AtomicU64,
+    /// Whether the segment is in the journal's dirty list (`SyncEach` only).
+    journal_dirty: AtomicBool,
+    /// A sync of this file failed since its last checkpoint: the kernel may have dropped dirty
+    /// pages, so the checkpoint rewrites the unsynced range before trusting a sync again.
+    tainted: AtomicBool,
 }
 
 struct Topic<D: Disk> {
@@ -143,6 +158,7 @@ struct Request<D: Disk> {
     pos: u64,
     data: Vec<u8>,
     generation: u64,
+    first_offset: u64,
     end_offset: u64,
     done: SyncSender<io::Result<()>>,
 }
@@ -166,15 +182,9 @@ impl<D: Disk> Engine<D> {
     /// `SyncEach`, the receiver the group-commit thread must run on.
     pub fn open(disk: Arc<D>, cfg: Config) -> io::Result<(Engine<D>, Option<WalWorker<D>>)> {
         disk.create_dir_all(&cfg.root)?;
-        let (wal_tx, worker) = if matches!(cfg.fsync, FsyncSchedule::SyncEach) {
+        let (wal_tx, rx) = if matches!(cfg.fsync, FsyncSchedule::SyncEach) {
             let (tx, rx) = mpsc::sync_channel(WAL_QUEUE_DEPTH);
-            (
-                Some(tx),
-                Some(WalWorker {
-                    disk: disk.clone(),
-                    rx,
-                }),
-            )
+            (Some(tx), Some(rx))
         } else {
             (None, None)
         };
@@ -183,6 +193,7 @@ impl<D: Disk> Engine<D> {
             cfg,
             topics: RwLock::new(HashMap::new()),
             wal_tx,
+            dirty: Arc::new(Mutex::new(Vec::new())),
         };
         let mut names = engine.disk.list_dir(&engine.cfg.root)?;
         names.sort();
@@ -199,7 +210,169 @@ impl<D: Disk> Engine<D> {
                     .insert(name, Arc::new(topic));
             }
         }
+        let journal = engine.recover_journal()?;
+        engine.clamp_cursors();
+        let worker = match (rx, journal) {
+            (Some(rx), Some(journal)) => Some(WalWorker {
+                disk: engine.disk.clone(),
+                rx,
+                journal,
+                dirty: engine.dirty.clone(),
+                degraded: false,
+            }),
+            (Some(_), None) => return Err(io::Error::other("SyncEach needs its journal")),
+            _ => None,
+        };
         Ok((engine, worker))
+    }
+
+    /// Keeps every recovered cursor within its topic's recovered entries (it can only be outside
+    /// them if data it counted was lost, e.g. under `NoFsync`).
+    fn clamp_cursors(&self) {
+        for topic in self.all_topics() {
+            let first = topic
+                .segments
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .first()
+                .map_or(0, |s| s.base);
+            let end = topic.visible.load(Ordering::Acquire);
+            let mut cur = lock(&topic.cursor);
+            let clamped = cur.next.clamp(first, end);
+            if clamped != cur.next {
+                tracing::warn!(topic = %topic.name, stored = cur.next, clamped, "cursor outside the recovered entries");
+                cur.next = clamped;
+            }
+        }
+    }
+
+    /// Replays the journal (if any) into the topics, makes the replayed segments durable and
+    /// starts the journal afresh. Returns the open journal under `SyncEach`.
+    fn recover_journal(&self) -> io::Result<Option<JournalFile<D>>> {
+        let dir = self.cfg.root.join(JOURNAL_DIR);
+        let path = dir.join(JOURNAL_FILE);
+        let existing = match self.disk.open(&path, false) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let sync_each = matches!(self.cfg.fsync, FsyncSchedule::SyncEach);
+        if existing.is_none() && !sync_each {
+            return Ok(None);
+        }
+        let mut next_seq = 0u64;
+        let file = match existing {
+            Some(file) => {
+                let bytes = file.read_all()?;
+                file.release_cache();
+                match decode_segment_header(&bytes) {
+                    Ok(base) => {
+                        let scan = scan_segment(&bytes, base);
+                        tracing::debug!(base, entries = scan.entries, stop = ?scan.stop, "journal scanned");
+                        let replayed = self.replay_journal(&bytes, &scan)?;
+                        next_seq = fresh_journal_base(base, bytes.len() as u64);
+                        // The replayed entries must be durable in their segments before the
+                        // journal forgets them.
+                        for seg in replayed {
+                            seg.file.sync_data()?;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "journal header unreadable; clearing the journal");
+                        write_zeros(&*file, 0, bytes.len() as u64)?;
+                    }
+                }
+                file
+            }
+            None => {
+                self.disk.create_dir_all(&dir)?;
+                self.disk.sync_dir(&self.cfg.root)?;
+                let f = self.disk.open(&path, true)?;
+                write_zeros(&*f, 0, JOURNAL_INITIAL_BYTES)?;
+                f
+            }
+        };
+        file.write_all_at(&encode_segment_header(next_seq), 0)?;
+        file.sync_data()?;
+        self.disk.sync_dir(&dir)?;
+        let len = file.len()?;
+        Ok(Some(JournalFile {
+            file,
+            base: next_seq,
+            next_seq,
+            pos: SEGMENT_HEADER_LEN as u64,
+            len,
+        }))
+    }
+
+    /// Re-applies journal records the segments lack (their tails were not synced before a
+    /// crash). Returns the segments written.
+    fn replay_journal(&self, bytes: &[u8], scan: &SegmentScan) -> io::Result<Vec<Arc<Segment<D>>>> {
+        let mut written: Vec<Arc<Segment<D>>> = Vec::new();
+        let mut at = SEGMENT_HEADER_LEN;
+        for _ in 0..scan.entries {
+            let Ok(record) = decode_record(&bytes[at..]) else {
+                break;
+            };
+            at += record.encoded_len();
+            let Some((name, first, count, data)) = parse_journal_payload(record.payload) else {
+                tracing::warn!("skipping a malformed journal record");
+                continue;
+            };
+            if validate_topic_name(name).is_err() || !records_are_valid(data, first, count) {
+                tracing::warn!(topic = name, "skipping an invalid journal record");
+                continue;
+            }
+            let topic = self.topic_or_create(name)?;
+            let mut st = lock(&topic.write);
+            if first.saturating_add(count) <= st.next_offset {
+                // Already in the segment as far as reads can tell, but perhaps only in the page
+                // cache (after a failed sync, or an earlier attempt at this recovery): write the
+                // same bytes again so that the sync below really covers them.
+                let retained = lock(&topic.committed).segment.base;
+                let first_retained = topic
+                    .segments
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .first()
+                    .map_or(retained, |s| s.base);
+                if first >= first_retained {
+                    let (seg, pos) = self.locate(&topic, first)?;
+                    if seg.file.read_with(pos, data.len(), |b| b == data)? {
+                        seg.file.write_all_at(data, pos)?;
+                        if !written.iter().any(|s| Arc::ptr_eq(s, &seg)) {
+                            written.push(seg);
+                        }
+                    }
+                }
+                continue;
+            }
+            if first != st.next_offset {
+                tracing::warn!(
+                    topic = name,
+                    first,
+                    next = st.next_offset,
+                    "journal record does not follow the segment; skipped"
+                );
+                continue;
+            }
+            self.make_room(&topic, &mut st, data.len() as u64)?;
+            let pos = st.pos;
+            st.active.file.write_all_at(data, pos)?;
+            if pos >= st.last_index_pos + INDEX_INTERVAL_BYTES || st.last_index_pos == 0 {
+                lock(&st.active.index).push((first, pos));
+                st.last_index_pos = pos;
+            }
+            st.pos += data.len() as u64;
+            st.next_offset = first + count;
+            st.high_water = st.high_water.max(st.pos);
+            topic.publish(&st.active, st.next_offset, st.pos, true);
+            if !written.iter().any(|s| Arc::ptr_eq(s, &st.active)) {
+                written.push(st.active.clone());
+            }
+            tracing::debug!(topic = name, first, count, "replayed from the journal");
+        }
+        Ok(written)
     }
 
     pub fn fsync_schedule(&self) -> FsyncSchedule {
@@ -267,6 +440,8 @@ impl<D: Disk> Engine<D> {
         let segment = st.active.clone();
 
         if let Some(tx) = &self.wal_tx {
+            // The group-commit thread journals the records, and only once they are durable
+            // writes them into the segment: a failed commit leaves nothing in any segment.
             let (done_tx, done_rx) = mpsc::sync_channel(1);
             let req = Request {
                 topic: topic.clone(),
@@ -274,6 +449,7 @@ impl<D: Disk> Engine<D> {
                 pos,
                 data: buf,
                 generation: st.generation,
+                first_offset: first,
                 end_offset,
                 done: done_tx,
             };
@@ -289,25 +465,20 @@ impl<D: Disk> Engine<D> {
                 .unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
                 .map(|()| first);
         }
-
-        match segment.file.write_all_at(&buf, pos) {
-            Ok(()) => {
-                if !st.unsynced.iter().any(|s| Arc::ptr_eq(s, &segment)) {
-                    st.unsynced.push(segment.clone());
-                }
-                topic.publish(&segment, end_offset, st.pos, false);
-                Ok(first)
+        if let Err(e) = segment.file.write_all_at(&buf, pos) {
+            topic
+                .poisoned_through
+                .fetch_max(st.generation, Ordering::AcqRel);
+            if let Err(z) = self.rewind(&topic, &mut st) {
+                tracing::warn!(topic = %topic.name, error = %z, "rewind after a failed write failed; retrying on the next append");
             }
-            Err(e) => {
-                topic
-                    .poisoned_through
-                    .fetch_max(st.generation, Ordering::AcqRel);
-                if let Err(z) = self.rewind(&topic, &mut st) {
-                    tracing::warn!(topic = %topic.name, error = %z, "rewind after a failed write failed; retrying on the next append");
-                }
-                Err(e)
-            }
+            return Err(e);
         }
+        if !st.unsynced.iter().any(|s| Arc::ptr_eq(s, &segment)) {
+            st.unsynced.push(segment.clone());
+        }
+        topic.publish(&segment, end_offset, st.pos, false);
+        Ok(first)
     }
 
     /// Makes everything written to `topic` (or to every topic) durable now.
@@ -397,6 +568,14 @@ impl<D: Disk> Engine<D> {
                 .min(self.cfg.segment_bytes);
             let new_len = (st.pos + need).max(want).next_multiple_of(4096);
             write_zeros(&*st.active.file, st.file_len, new_len)?;
+            if matches!(self.cfg.fsync, FsyncSchedule::SyncEach) {
+                // Make the room durable now (once per doubling), so that replaying the journal
+                // after a crash never needs free space.
+                if let Err(e) = st.active.file.sync_data() {
+                    self.taint(&st.active);
+                    return Err(e);
+                }
+            }
             st.file_len = new_len;
         }
         Ok(())
@@ -428,7 +607,10 @@ impl<D: Disk> Engine<D> {
             // synced but refused because an earlier write of its generation failed) must not
             // survive a crash, or recovery would take it for the next entry.
             write_zeros(&*st.active.file, c.end_pos, st.high_water)?;
-            st.active.file.sync_data()?;
+            if let Err(e) = st.active.file.sync_data() {
+                self.taint(&st.active);
+                return Err(e);
+            }
         }
         st.pos = c.end_pos;
         st.next_offset = c.end_offset;
@@ -439,6 +621,26 @@ impl<D: Disk> Engine<D> {
         drop(index);
         st.generation = topic.poisoned_through.load(Ordering::Acquire) + 1;
         Ok(())
+    }
+
+    /// Records that a sync of `seg` failed (see `Segment::tainted`) and makes sure the next
+    /// checkpoint visits it.
+    ///
+    /// Under `Milliseconds` the caller holds the topic's write lock (no concurrent writer), so
+    /// the unsynced range is rewritten at once instead.
+    fn taint(&self, seg: &Arc<Segment<D>>) {
+        if matches!(self.cfg.fsync, FsyncSchedule::Milliseconds(_)) {
+            let end = seg.visible_pos.load(Ordering::Acquire);
+            let from = seg.synced_pos.load(Ordering::Acquire).min(end);
+            if let Err(e) = rewrite_range(&*seg.file, from, end) {
+                tracing::warn!(error = %e, "rewriting after a failed sync failed");
+            }
+            return;
+        }
+        seg.tainted.store(true, Ordering::Release);
+        if !seg.journal_dirty.swap(true, Ordering::AcqRel) {
+            lock(&self.dirty).push(seg.clone());
+        }
     }
 
     fn create_segment(&self, dir: &Path, base: u64) -> io::Result<Arc<Segment<D>>> {
@@ -459,6 +661,8 @@ impl<D: Disk> Engine<D> {
             visible_end: AtomicU64::new(base),
             visible_pos: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
             synced_pos: AtomicU64::new(SEGMENT_HEADER_LEN as u64),
+            journal_dirty: AtomicBool::new(false),
+            tainted: AtomicBool::new(false),
         }))
     }
 
@@ -922,7 +1126,8 @@ impl<D: Disk> Engine<D> {
                 expected = Some(base);
                 continue;
             }
-            let seg = Arc::new(Segment {
+            file.release_cache();
+            let seg: Arc<Segment<D>> = Arc::new(Segment {
                 base,
                 path,
                 file,
@@ -930,6 +1135,8 @@ impl<D: Disk> Engine<D> {
                 visible_end: AtomicU64::new(base + scan.entries),
                 visible_pos: AtomicU64::new(scan.valid_len),
                 synced_pos: AtomicU64::new(scan.valid_len),
+                journal_dirty: AtomicBool::new(false),
+                tainted: AtomicBool::new(false),
             });
             expected = Some(base + scan.entries);
             // A damaged segment that is not the last keeps its valid prefix; whether later
@@ -956,30 +1163,13 @@ impl<D: Disk> Engine<D> {
                 return Ok(None);
             }
         };
-        let first = segments[0].base;
         let cursor = match self.disk.open(&dir.join(CURSOR_FILE), false) {
             Ok(f) => {
                 let mut bytes = vec![0u8; CURSOR_FILE_LEN];
                 let n = f.len()?.min(CURSOR_FILE_LEN as u64) as usize;
                 f.read_exact_at(&mut bytes[..n], 0)?;
-                recover_cursor(&bytes).map(|slot| {
-                    let clamped = slot.next_offset.clamp(first, next_offset);
-                    if clamped != slot.next_offset {
-                        tracing::warn!(
-                            topic = name,
-                            stored = slot.next_offset,
-                            clamped,
-                            "cursor outside the recovered entries"
-                        );
-                    }
-                    (
-                        CursorSlot {
-                            seq: slot.seq,
-                            next_offset: clamped,
-                        },
-                        f,
-                    )
-                })
+                // Clamped by `clamp_cursors` once the journal has been replayed.
+                recover_cursor(&bytes).map(|slot| (slot, f))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
@@ -1097,16 +1287,34 @@ fn write_zeros<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The group-commit thread of `SyncEach`: it takes every queued append, writes them with one
-/// `Disk::write_batch` (one linked fsync per file), and only then publishes and acknowledges.
+/// The journal of `SyncEach`: one file every durable append is recorded in, so that one
+/// `fdatasync` makes a whole group commit durable however many topics (segment files) it spans.
+/// Segment files are written at the same time but synced only at a checkpoint, after which the
+/// journal starts over (a new header with a higher base sequence makes every older record
+/// unreplayable, because records must carry consecutive sequence numbers).
+pub(crate) struct JournalFile<D: Disk> {
+    file: Arc<D::File>,
+    base: u64,
+    next_seq: u64,
+    pos: u64,
+    len: u64,
+}
+
+/// The group-commit thread of `SyncEach`: it takes every queued append (whose bytes the
+/// appender already wrote to its segment), records them all in the journal with one write and
+/// one linked `fdatasync`, and only then publishes and acknowledges them.
 pub(crate) struct WalWorker<D: Disk> {
     disk: Arc<D>,
     rx: Receiver<Request<D>>,
+    journal: JournalFile<D>,
+    dirty: Arc<Mutex<Vec<Arc<Segment<D>>>>>,
+    /// A journal write failed: checkpoint before journaling anything else.
+    degraded: bool,
 }
 
 impl<D: Disk> WalWorker<D> {
     /// Runs until every sender is gone.
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut batch: Vec<Request<D>> = Vec::new();
         while let Ok(first) = self.rx.recv() {
             let mut bytes = first.data.len();
@@ -1124,48 +1332,217 @@ impl<D: Disk> WalWorker<D> {
         }
     }
 
-    fn commit(&self, batch: &mut Vec<Request<D>>) {
-        // Requests of a generation that already failed are refused without writing: they sit
-        // behind a hole.
+    fn commit(&mut self, batch: &mut Vec<Request<D>>) {
+        // Requests of a generation that already failed are refused: they sit behind a hole.
         let (live, dead): (Vec<Request<D>>, Vec<Request<D>>) = batch
             .drain(..)
             .partition(|r| r.generation > r.topic.poisoned_through.load(Ordering::Acquire));
         for r in dead {
-            tracing::trace!(topic = %r.topic.name, end_offset = r.end_offset, "refused: generation failed");
             let _ = r.done.send(Err(io::Error::other(
                 "an earlier write to this topic failed; retry",
             )));
         }
-        let ops: Vec<WriteOp<'_, D::File>> = live
-            .iter()
-            .map(|r| WriteOp {
-                file: &r.segment.file,
-                pos: r.pos,
-                data: &r.data,
-            })
-            .collect();
-        let results = self.disk.write_batch(&ops, true);
-        drop(ops);
-        for (r, res) in live.into_iter().zip(results) {
-            let dead = r.generation <= r.topic.poisoned_through.load(Ordering::Acquire);
-            let res = match res {
-                Ok(()) if dead => Err(io::Error::other(
-                    "an earlier write to this topic failed; retry",
-                )),
-                Ok(()) => {
-                    r.topic
-                        .publish(&r.segment, r.end_offset, r.pos + r.data.len() as u64, true);
-                    Ok(())
-                }
+        if live.is_empty() {
+            return;
+        }
+        let result = self.make_durable(&live);
+        for r in live {
+            let res = match &result {
+                // Durable in the journal: now into the segment, in queue order (so offsets
+                // become visible in order), and onto the list the next checkpoint syncs.
+                Ok(()) => match r.segment.file.write_all_at(&r.data, r.pos) {
+                    Ok(()) => {
+                        if !r.segment.journal_dirty.swap(true, Ordering::AcqRel) {
+                            lock(&self.dirty).push(r.segment.clone());
+                        }
+                        r.topic.publish(
+                            &r.segment,
+                            r.end_offset,
+                            r.pos + r.data.len() as u64,
+                            true,
+                        );
+                        Ok(())
+                    }
+                    Err(e) => {
+                        r.topic
+                            .poisoned_through
+                            .fetch_max(r.generation, Ordering::AcqRel);
+                        self.degraded = true;
+                        Err(e)
+                    }
+                },
                 Err(e) => {
                     r.topic
                         .poisoned_through
                         .fetch_max(r.generation, Ordering::AcqRel);
-                    Err(e)
+                    Err(clone_io_error(e))
                 }
             };
-            tracing::trace!(topic = %r.topic.name, end_offset = r.end_offset, segment = r.segment.base, pos = r.pos, len = r.data.len(), generation = r.generation, ok = res.is_ok(), "group commit result");
+            tracing::trace!(topic = %r.topic.name, end_offset = r.end_offset, ok = res.is_ok(), "group commit result");
             let _ = r.done.send(res);
         }
     }
+
+    /// Records `live` in the journal and syncs it (checkpointing first when needed).
+    fn make_durable(&mut self, live: &[Request<D>]) -> io::Result<()> {
+        // Checkpoint first (it changes the sequence numbers records must carry).
+        let estimate: u64 = live
+            .iter()
+            .map(|r| (r.data.len() + r.topic.name.len() + 64) as u64)
+            .sum();
+        if self.degraded
+            || self.journal.pos + estimate
+                > JOURNAL_BYTES_MAX.max(estimate + SEGMENT_HEADER_LEN as u64)
+        {
+            self.checkpoint()?;
+        }
+        let mut buf = Vec::new();
+        let mut direct: Vec<&Request<D>> = Vec::new();
+        let mut seq = self.journal.next_seq;
+        for r in live {
+            let count = r.end_offset - r.first_offset;
+            match journal_payload(&r.topic.name, r.first_offset, count, &r.data) {
+                Some(payload) => {
+                    encode_record(&mut buf, seq, 0, &payload);
+                    seq += 1;
+                }
+                // Too large for one journal record: sync its segment instead.
+                None => direct.push(r),
+            }
+        }
+        let need = buf.len() as u64;
+        for r in direct {
+            r.segment
+                .file
+                .write_all_at(&r.data, r.pos)
+                .inspect_err(|_| self.degraded = true)?;
+            if let Err(e) = r.segment.file.sync_data() {
+                r.segment.tainted.store(true, Ordering::Release);
+                if !r.segment.journal_dirty.swap(true, Ordering::AcqRel) {
+                    lock(&self.dirty).push(r.segment.clone());
+                }
+                self.degraded = true;
+                return Err(e);
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let j = &mut self.journal;
+        if j.pos + need > j.len {
+            let new_len = (j.pos + need).max(j.len * 2).next_multiple_of(4096);
+            write_zeros(&*j.file, j.len, new_len).inspect_err(|_| self.degraded = true)?;
+            j.len = new_len;
+        }
+        let op = WriteOp {
+            file: &j.file,
+            pos: j.pos,
+            data: &buf,
+        };
+        let result = self.disk.write_batch(&[op], true).pop().unwrap_or(Ok(()));
+        match result {
+            Ok(()) => {
+                j.pos += need;
+                j.next_seq = seq;
+                Ok(())
+            }
+            Err(e) => {
+                // What reached the journal is unknown: stop trusting it until a checkpoint.
+                self.degraded = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Syncs every segment written since the last checkpoint, then starts the journal over.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        let dirty: Vec<Arc<Segment<D>>> = std::mem::take(&mut *lock(&self.dirty));
+        for seg in &dirty {
+            seg.journal_dirty.store(false, Ordering::Release);
+        }
+        for (i, seg) in dirty.iter().enumerate() {
+            // This thread writes every segment byte under `SyncEach`, so `visible_pos` covers
+            // all of them here.
+            let end = seg.visible_pos.load(Ordering::Acquire);
+            let from = seg.synced_pos.load(Ordering::Acquire).min(end);
+            let mut outcome = Ok(());
+            if seg.tainted.swap(false, Ordering::AcqRel) {
+                // A failed fsync may have dropped dirty pages the cache still shows: write the
+                // unsynced range again, or this "successful" sync would not cover it and the
+                // journal reset would forget it.
+                outcome = rewrite_range(&*seg.file, from, end);
+            }
+            if let Err(e) = outcome.and_then(|()| seg.file.sync_data()) {
+                seg.tainted.store(true, Ordering::Release);
+                let mut list = lock(&self.dirty);
+                for s in &dirty[i..] {
+                    if !s.journal_dirty.swap(true, Ordering::AcqRel) {
+                        list.push(s.clone());
+                    }
+                }
+                self.degraded = true;
+                return Err(e);
+            }
+            seg.synced_pos.fetch_max(end, Ordering::AcqRel);
+        }
+        let j = &mut self.journal;
+        let base = fresh_journal_base(j.base, j.len);
+        j.file.write_all_at(&encode_segment_header(base), 0)?;
+        j.file.sync_data().inspect_err(|_| self.degraded = true)?;
+        j.base = base;
+        j.next_seq = base;
+        j.pos = SEGMENT_HEADER_LEN as u64;
+        self.degraded = false;
+        tracing::debug!(base, segments = dirty.len(), "journal checkpoint");
+        Ok(())
+    }
+}
+
+/// The base sequence of a journal that starts over: past every sequence number the previous
+/// life of the file (which began at `base` and is `len` bytes long) can hold, written or torn,
+/// so that no stale record can ever be taken for a new one.
+fn fresh_journal_base(base: u64, len: u64) -> u64 {
+    base.saturating_add(len / walrus_core::wal::record::RECORD_HEADER_LEN as u64 + 1)
+}
+
+/// A journal record's payload: `[name len u8][name][first offset u64][count u64][records]`.
+fn journal_payload(topic: &str, first: u64, count: u64, records: &[u8]) -> Option<Vec<u8>> {
+    let len = 1 + topic.len() + 16 + records.len();
+    if len > ENTRY_PAYLOAD_MAX || topic.len() > u8::MAX as usize {
+        return None;
+    }
+    let mut p = Vec::with_capacity(len);
+    p.push(topic.len() as u8);
+    p.extend_from_slice(topic.as_bytes());
+    p.extend_from_slice(&first.to_le_bytes());
+    p.extend_from_slice(&count.to_le_bytes());
+    p.extend_from_slice(records);
+    Some(p)
+}
+
+fn parse_journal_payload(p: &[u8]) -> Option<(&str, u64, u64, &[u8])> {
+    let (&n, rest) = p.split_first()?;
+    let name = std::str::from_utf8(rest.get(..n as usize)?).ok()?;
+    let rest = &rest[n as usize..];
+    let first = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let count = u64::from_le_bytes(rest.get(8..16)?.try_into().ok()?);
+    Some((name, first, count, &rest[16..]))
+}
+
+/// Whether `data` is exactly `count` whole records with offsets `first, first + 1, …`, the
+/// last one closing its batch.
+fn records_are_valid(data: &[u8], first: u64, count: u64) -> bool {
+    let mut at = 0usize;
+    for i in 0..count {
+        match decode_record(&data[at..]) {
+            Ok(r)
+                if r.offset == first + i
+                    && (i + 1 < count) == (r.flags & FLAG_BATCH_CONTINUES != 0) =>
+            {
+                at += r.encoded_len()
+            }
+            _ => return false,
+        }
+    }
+    count > 0 && at == data.len()
 }

@@ -190,8 +190,13 @@ impl Disk for LinuxDisk {
     }
 
     fn write_batch(&self, ops: &[WriteOp<'_, LinuxFile>], sync: bool) -> Vec<io::Result<()>> {
+        // One file (the journal's group commit): io_uring runs an fsync on a kernel worker
+        // thread, so a single write + fsync chain only adds two thread handoffs to the commit's
+        // latency; the plain syscalls are faster (measured: 73k vs 58k durable appends/s in E1).
+        // The ring pays off when a batch spans files whose syncs can run in parallel.
+        let one_file = ops.windows(2).all(|w| Arc::ptr_eq(w[0].file, w[1].file));
         match &self.ring {
-            Some(ring) if !ops.is_empty() => {
+            Some(ring) if !ops.is_empty() && !one_file => {
                 let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
                 uring_batch(&mut ring, ops, sync)
             }

@@ -1460,30 +1460,61 @@ impl<D: Disk> WalWorker<D> {
         for seg in &dirty {
             seg.journal_dirty.store(false, Ordering::Release);
         }
-        for (i, seg) in dirty.iter().enumerate() {
-            // This thread writes every segment byte under `SyncEach`, so `visible_pos` covers
-            // all of them here.
-            let end = seg.visible_pos.load(Ordering::Acquire);
-            let from = seg.synced_pos.load(Ordering::Acquire).min(end);
-            let mut outcome = Ok(());
+        // This thread writes every segment byte under `SyncEach`, so `visible_pos` covers all
+        // of them here.
+        let ends: Vec<(u64, u64)> = dirty
+            .iter()
+            .map(|seg| {
+                let end = seg.visible_pos.load(Ordering::Acquire);
+                (seg.synced_pos.load(Ordering::Acquire).min(end), end)
+            })
+            .collect();
+        let mut failure: Option<io::Error> = None;
+        for (seg, &(from, end)) in dirty.iter().zip(&ends) {
             if seg.tainted.swap(false, Ordering::AcqRel) {
                 // A failed fsync may have dropped dirty pages the cache still shows: write the
                 // unsynced range again, or this "successful" sync would not cover it and the
                 // journal reset would forget it.
-                outcome = rewrite_range(&*seg.file, from, end);
+                if let Err(e) = rewrite_range(&*seg.file, from, end) {
+                    seg.tainted.store(true, Ordering::Release);
+                    failure.get_or_insert(e);
+                }
             }
-            if let Err(e) = outcome.and_then(|()| seg.file.sync_data()) {
-                seg.tainted.store(true, Ordering::Release);
-                let mut list = lock(&self.dirty);
-                for s in &dirty[i..] {
-                    if !s.journal_dirty.swap(true, Ordering::AcqRel) {
-                        list.push(s.clone());
+        }
+        // All syncs in one batch: on io_uring they run in parallel.
+        let ops: Vec<WriteOp<'_, D::File>> = dirty
+            .iter()
+            .map(|seg| WriteOp {
+                file: &seg.file,
+                pos: 0,
+                data: &[],
+            })
+            .collect();
+        let results = if failure.is_none() {
+            self.disk.write_batch(&ops, true)
+        } else {
+            Vec::new()
+        };
+        drop(ops);
+        for (i, seg) in dirty.iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(())) => {
+                    seg.synced_pos.fetch_max(ends[i].1, Ordering::AcqRel);
+                }
+                other => {
+                    if let Some(Err(e)) = other {
+                        seg.tainted.store(true, Ordering::Release);
+                        failure.get_or_insert(clone_io_error(e));
+                    }
+                    if !seg.journal_dirty.swap(true, Ordering::AcqRel) {
+                        lock(&self.dirty).push(seg.clone());
                     }
                 }
-                self.degraded = true;
-                return Err(e);
             }
-            seg.synced_pos.fetch_max(end, Ordering::AcqRel);
+        }
+        if let Some(e) = failure {
+            self.degraded = true;
+            return Err(e);
         }
         let j = &mut self.journal;
         let base = fresh_journal_base(j.base, j.len);

@@ -681,6 +681,13 @@ impl<D: Disk> Engine<D> {
         let mut cur = lock(&topic.cursor);
         let hint = cur.hint.take();
         let (entries, hint) = self.read_entries(&topic, cur.next, hint, max_entries, max_bytes)?;
+        if entries.is_empty() {
+            // Caught up: drop the mapping, so that a quiet reader holds no file pages in its
+            // resident set (it is remapped on the next read that finds data).
+            if let Some((seg, _)) = &hint {
+                seg.file.release_cache();
+            }
+        }
         let old = (cur.next, cur.unpersisted);
         if checkpoint && !entries.is_empty() {
             cur.next += entries.len() as u64;

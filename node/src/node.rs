@@ -16,8 +16,9 @@ use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
 use walrus::{FsyncSchedule, ReadConsistency, Walrus};
 use walrus_core::cluster::cursor::{next_shared_read, ReadPlan};
+use walrus_core::cluster::lease::{may_append, Lease, LeaseConfig, LeaseTable};
 use walrus_core::cluster::metadata::{Command, Outcome, SegmentMeta, TopicMeta};
-use walrus_core::cluster::{NodeId, SegmentId};
+use walrus_core::cluster::{Epoch, NodeId, SegmentId, SegmentRef};
 
 use crate::meta::{MetaResponse, Raft, StateMachine};
 use crate::rpc::{Peers, RpcRequest, RpcResponse};
@@ -28,6 +29,8 @@ const COMMIT_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Consecutive failed probes after which a node is marked dead.
 const PROBE_FAILURES_MAX: u32 = 4;
+/// How often a segment leader renews its leases.
+const LEASE_RENEW_INTERVAL: Duration = Duration::from_millis(100);
 /// Attempts of one GET (each a read plus a compare-and-set of the shared cursor).
 const GET_ATTEMPTS_MAX: u32 = 64;
 
@@ -72,6 +75,11 @@ pub struct Node {
     gates: Mutex<HashMap<SegmentId, Arc<RwLock<bool>>>>,
     counters: Counters,
     started: Instant,
+    /// Leases this node holds, per segment it leads.
+    leases: Mutex<HashMap<SegmentId, Lease>>,
+    /// Grants this node handed out while it was the metadata leader.
+    grants: Mutex<LeaseTable>,
+    lease_cfg: LeaseConfig,
 }
 
 /// A request-level error: becomes `ERR <reason>`.
@@ -97,6 +105,9 @@ impl Node {
             gates: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             started: Instant::now(),
+            leases: Mutex::new(HashMap::new()),
+            grants: Mutex::new(LeaseTable::new()),
+            lease_cfg: LeaseConfig::default(),
         })
     }
 
@@ -305,6 +316,28 @@ impl Node {
         seg: &SegmentMeta,
         payload: &[u8],
     ) -> Result<Option<u64>, Failure> {
+        let seg_ref = SegmentRef {
+            topic: topic.to_string(),
+            segment: seg.id,
+        };
+        let lease = self
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&seg.id)
+            .copied();
+        let Some(lease) = lease else {
+            // No lease yet (the renew loop grants one within 100 ms): wait, then retry.
+            return Ok(None);
+        };
+        let now = self.now_ms();
+        if let Err(denied) = self
+            .sm
+            .read(|m| may_append(m, self.me(), &seg_ref, &lease, now))
+        {
+            tracing::debug!(topic, segment = seg.id.0, %denied, "append refused by the lease check");
+            return Ok(None);
+        }
         let gate = self.gate(seg.id);
         let key = segment_key(topic, seg.id);
         let position = {
@@ -594,6 +627,76 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Grantor side (on the metadata leader): renews `holder`'s lease on a segment if the
+    /// metadata names it leader of that open segment at `epoch`.
+    pub fn grant_lease(
+        &self,
+        topic: &str,
+        segment: u64,
+        epoch: u64,
+        holder: u64,
+    ) -> Result<(), Failure> {
+        if self.raft.metrics().borrow().current_leader != Some(self.cfg.id) {
+            return Err("not the metadata leader".into());
+        }
+        let seg = SegmentRef {
+            topic: topic.to_string(),
+            segment: SegmentId(segment),
+        };
+        let now = self.now_ms();
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        self.sm
+            .read(|m| grants.grant(m, NodeId(holder), &seg, Epoch(epoch), now))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Holder side: renews the leases of every open segment this node leads, every 100 ms; an
+    /// append needs a lease that has not expired (counted from when it was requested).
+    pub async fn lease_loop(self: Arc<Self>) {
+        loop {
+            for (topic, seg) in self.led_open_segments() {
+                let requested_at = self.now_ms();
+                let leader = self.raft.metrics().borrow().current_leader;
+                let granted = match leader {
+                    Some(l) if l == self.cfg.id => self
+                        .grant_lease(&topic, seg.id.0, seg.epoch.0, self.cfg.id)
+                        .is_ok(),
+                    Some(l) => match self.addr_of(NodeId(l)) {
+                        Some(addr) => {
+                            let req = RpcRequest::LeaseGrant {
+                                topic: topic.clone(),
+                                segment: seg.id.0,
+                                epoch: seg.epoch.0,
+                                holder: self.cfg.id,
+                            };
+                            matches!(
+                                self.peers
+                                    .get(&addr)
+                                    .call(&req, LEASE_RENEW_INTERVAL * 5)
+                                    .await,
+                                Ok(RpcResponse::LeaseGrant(Ok(())))
+                            )
+                        }
+                        None => false,
+                    },
+                    None => false,
+                };
+                if granted {
+                    let lease = Lease::granted(seg.epoch, requested_at, &self.lease_cfg);
+                    self.leases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(seg.id, lease);
+                }
+            }
+            tokio::time::sleep(LEASE_RENEW_INTERVAL).await;
         }
     }
 

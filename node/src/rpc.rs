@@ -71,6 +71,17 @@ pub enum RpcRequest {
     },
     /// Liveness probe from the metadata leader.
     Ping,
+    /// A segment leader asks the metadata leader to grant (renew) its lease.
+    LeaseGrant {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+        /// The epoch the holder leads.
+        epoch: u64,
+        /// The holder.
+        holder: u64,
+    },
 }
 
 /// The answer to an [`RpcRequest`], variant for variant.
@@ -94,6 +105,8 @@ pub enum RpcResponse {
     ReportCommitted(Result<(), String>),
     /// Answer to a probe.
     Pong,
+    /// Result of a lease request.
+    LeaseGrant(Result<(), String>),
 }
 
 /// bincode settings for RPC bodies: fixed-width integers and a size limit on decode.

@@ -178,5 +178,11 @@ async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
             RpcResponse::ReportCommitted(node.report_committed(&topic).await)
         }
         RpcRequest::Ping => RpcResponse::Pong,
+        RpcRequest::LeaseGrant {
+            topic,
+            segment,
+            epoch,
+            holder,
+        } => RpcResponse::LeaseGrant(node.grant_lease(&topic, segment, epoch, holder)),
     }
 }

@@ -156,6 +156,7 @@ pub async fn run(args: Args) -> Result<(), String> {
     tokio::spawn(node.clone().commit_report_loop());
     tokio::spawn(node.clone().rollover_loop());
     tokio::spawn(node.clone().probe_loop());
+    tokio::spawn(node.clone().lease_loop());
     tracing::info!(node_id = args.node_id, client = %client_advertise, raft = %raft_advertise, "walrus node serving");
     serve_clients(node, client_listener, args.max_frame_bytes).await;
     Ok(())

@@ -230,12 +230,7 @@ impl<D: Disk> Engine<D> {
     /// them if data it counted was lost, e.g. under `NoFsync`).
     fn clamp_cursors(&self) {
         for topic in self.all_topics() {
-            let first = topic
-                .segments
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .first()
-                .map_or(0, |s| s.base);
+            let first = topic.first_offset();
             let end = topic.visible.load(Ordering::Acquire);
             let mut cur = lock(&topic.cursor);
             let clamped = cur.next.clamp(first, end);
@@ -329,14 +324,7 @@ impl<D: Disk> Engine<D> {
                 // Already in the segment as far as reads can tell, but perhaps only in the page
                 // cache (after a failed sync, or an earlier attempt at this recovery): write the
                 // same bytes again so that the sync below really covers them.
-                let retained = lock(&topic.committed).segment.base;
-                let first_retained = topic
-                    .segments
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .first()
-                    .map_or(retained, |s| s.base);
-                if first >= first_retained {
+                if first >= topic.first_offset() {
                     let (seg, pos) = self.locate(&topic, first)?;
                     if seg.file.read_with(pos, data.len(), |b| b == data)? {
                         seg.file.write_all_at(data, pos)?;
@@ -985,12 +973,7 @@ impl<D: Disk> Engine<D> {
     /// `(first retained offset, end offset)` of a topic.
     pub fn bounds(&self, name: &str) -> Option<(u64, u64)> {
         let t = self.topic(name)?;
-        let first = t
-            .segments
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .first()
-            .map_or(0, |s| s.base);
+        let first = t.first_offset();
         Some((first, t.visible.load(Ordering::Acquire)))
     }
 
@@ -1253,6 +1236,15 @@ impl<D: Disk> Topic<D> {
                 unsynced: Vec::new(),
             }),
         }
+    }
+
+    /// The first offset still stored (above 0 once consumed segments were reclaimed).
+    fn first_offset(&self) -> u64 {
+        self.segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .first()
+            .map_or(0, |s| s.base)
     }
 
     /// Makes entries up to `end_offset` (ending at byte `end_pos` of `segment`) visible.

@@ -46,12 +46,12 @@ pub enum RpcRequest {
         /// Its client address.
         client_addr: String,
     },
-    /// A PUT forwarded to the leader of the topic's open segment.
+    /// PUTs (one atomic batch) forwarded to the leader of the topic's open segment.
     Put {
         /// Topic.
         topic: String,
-        /// Payload.
-        payload: Vec<u8>,
+        /// Payloads, in order.
+        payloads: Vec<Vec<u8>>,
     },
     /// Read entries of a segment this node holds.
     Read {
@@ -97,7 +97,7 @@ pub enum RpcResponse {
     Propose(Result<MetaResponse, String>),
     /// Result of a join.
     Join(Result<(), String>),
-    /// The topic-wide offset of a forwarded PUT.
+    /// The topic-wide offset of the first entry of a forwarded PUT batch.
     Put(Result<u64, String>),
     /// Entries read.
     Read(Result<Vec<Vec<u8>>, String>),

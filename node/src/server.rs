@@ -14,6 +14,9 @@ use crate::rpc::{read_msg, write_msg, RpcRequest, RpcResponse};
 
 /// Most client connections served at once; more wait in the accept queue.
 pub const CLIENT_CONNECTIONS_MAX: usize = 1024;
+/// Most requests of one client connection answered in one round (pipelining); the bytes in
+/// flight per connection are bounded by this times the frame limit.
+pub const PIPELINE_REQUESTS_MAX: usize = 64;
 /// Most internal RPC connections served at once.
 pub const RPC_CONNECTIONS_MAX: usize = 256;
 
@@ -50,28 +53,42 @@ async fn client_connection(
     let mut buf: Vec<u8> = Vec::with_capacity(8 << 10);
     let mut chunk = vec![0u8; 64 << 10];
     loop {
-        // Answer every whole frame already buffered, in order.
-        loop {
-            match take_frame(&buf, frame_max) {
-                Ok(Some((body, used))) => {
-                    let reply = handle(node, body).await;
-                    if matches!(reply, Reply::Err(_)) {
-                        node.count_error();
-                    }
-                    let mut out = Vec::new();
-                    put_frame(&mut out, &encode_reply(&reply));
-                    stream.write_all(&out).await?;
-                    buf.drain(..used);
+        // Take every whole frame already buffered (a pipelining client sends many at once).
+        let mut bodies: Vec<&[u8]> = Vec::new();
+        let mut used = 0usize;
+        let mut broken: Option<String> = None;
+        while bodies.len() < PIPELINE_REQUESTS_MAX {
+            match take_frame(&buf[used..], frame_max) {
+                Ok(Some((body, n))) => {
+                    bodies.push(body);
+                    used += n;
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    // The stream can no longer be trusted as frames: say why and hang up.
-                    let mut out = Vec::new();
-                    put_frame(&mut out, &encode_reply(&Reply::Err(e.to_string())));
-                    stream.write_all(&out).await?;
-                    return Ok(());
+                    broken = Some(e.to_string());
+                    break;
                 }
             }
+        }
+        let mut out = Vec::new();
+        for reply in handle_all(node, &bodies).await {
+            if matches!(reply, Reply::Err(_)) {
+                node.count_error();
+            }
+            put_frame(&mut out, &encode_reply(&reply));
+        }
+        if let Some(reason) = broken {
+            // The stream can no longer be trusted as frames: say why and hang up.
+            put_frame(&mut out, &encode_reply(&Reply::Err(reason)));
+            stream.write_all(&out).await?;
+            return Ok(());
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+        }
+        buf.drain(..used);
+        if bodies_were_capped(used, &buf) {
+            continue;
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -79,6 +96,52 @@ async fn client_connection(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Whether whole frames are still buffered (the previous round stopped at the pipeline cap).
+fn bodies_were_capped(used: usize, rest: &[u8]) -> bool {
+    used > 0 && matches!(take_frame(rest, usize::MAX), Ok(Some(_)))
+}
+
+/// Answers pipelined requests in order. Consecutive `PUT`s to one topic become one atomic
+/// batch append (one group commit, offsets in request order); everything else runs one by one.
+async fn handle_all(node: &Node, bodies: &[&[u8]]) -> Vec<Reply> {
+    let mut replies = Vec::with_capacity(bodies.len());
+    let mut i = 0;
+    while i < bodies.len() {
+        if let Ok(Command::Put(topic, _)) = parse_command(bodies[i]) {
+            let mut payloads: Vec<&[u8]> = Vec::new();
+            let mut j = i;
+            while j < bodies.len() && payloads.len() < walrus_core::limits::BATCH_ENTRIES_MAX {
+                match parse_command(bodies[j]) {
+                    Ok(Command::Put(t, p)) if t == topic => payloads.push(p),
+                    _ => break,
+                }
+                j += 1;
+            }
+            if payloads.len() > 1 {
+                let timeout = node.config().request_timeout;
+                let result =
+                    match tokio::time::timeout(timeout, node.put_batch(topic, &payloads, false))
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+                    };
+                for k in 0..payloads.len() as u64 {
+                    replies.push(match &result {
+                        Ok(first) => Reply::Ok(Some((first + k).to_string().into_bytes())),
+                        Err(e) => Reply::Err(e.clone()),
+                    });
+                }
+                i = j;
+                continue;
+            }
+        }
+        replies.push(handle(node, bodies[i]).await);
+        i += 1;
+    }
+    replies
 }
 
 async fn handle(node: &Node, body: &[u8]) -> Reply {
@@ -165,8 +228,9 @@ async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
             raft_addr,
             client_addr,
         } => RpcResponse::Join(node.join(id, raft_addr, client_addr).await),
-        RpcRequest::Put { topic, payload } => {
-            RpcResponse::Put(node.put(&topic, &payload, true).await)
+        RpcRequest::Put { topic, payloads } => {
+            let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+            RpcResponse::Put(node.put_batch(&topic, &refs, true).await)
         }
         RpcRequest::Read {
             topic,

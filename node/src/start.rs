@@ -53,6 +53,10 @@ pub struct Args {
     /// Longest a client request may wait before it gets `ERR`, in milliseconds.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub request_timeout_ms: u64,
+    /// When a PUT is acknowledged: `leader-fsync` (default: once the segment leader has
+    /// fsynced it) or `none` (once it is in the leader's page cache; lost on power failure).
+    #[arg(long, env = "WALRUS_DURABILITY", default_value = "leader-fsync", value_parser = ["leader-fsync", "none"])]
+    pub durability: String,
     /// Largest client frame accepted, in bytes.
     #[arg(long, default_value_t = walrus_core::wire::FRAME_LEN_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
@@ -119,6 +123,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         max_segment_entries: args.max_segment_entries,
         monitor_check: Duration::from_millis(args.monitor_check_ms),
         request_timeout: Duration::from_millis(args.request_timeout_ms),
+        durable_acks: args.durability == "leader-fsync",
     };
     let node = Arc::new(
         Node::new(cfg, raft.clone(), sm).map_err(|e| format!("cannot open segment store: {e}"))?,

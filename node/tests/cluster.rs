@@ -376,8 +376,8 @@ fn stress_eight_writers_one_topic_every_ack_read_exactly_once() {
         "too many PUTs failed: {acked_total}"
     );
     let mut got: Vec<String> = Vec::new();
-    for i in 0..3 {
-        let mut c = nodes[i].client();
+    for node in &nodes {
+        let mut c = node.client();
         got.extend(
             drain(&mut c, "stress", 8 * per_writer)
                 .into_iter()

@@ -1,0 +1,1109 @@
+//! `walrus-bench`: runs the BENCHMARKS.md workloads P1–P4 against a walrus node or a 3-node
+//! cluster that it starts itself on loopback, measures the loopback TCP ceiling in the same run,
+//! and prints a markdown report.
+//!
+//! Every repeat starts fresh node processes on a fresh data directory, runs the produce phases
+//! (P1, P2, P3 for each payload size) against one topic, then reads everything back (P4). The
+//! processes it started are killed by their `Child` handles when a repeat ends, on error too.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use walrus_core::wire::{parse_reply, put_frame, take_frame, Reply};
+
+/// Topic every phase writes to and P4 reads back.
+const TOPIC: &str = "bench";
+/// Largest reply frame accepted (METRICS and STATE can be large).
+const REPLY_LEN_MAX: usize = 16 << 20;
+/// Socket read/write timeout: no wait on a node is unbounded.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a node to serve (or a cluster to form).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Size of the loopback ceiling's request and reply bodies.
+const CEILING_BODY: usize = 100;
+/// Lines of warnings/errors from the node logs kept for the report.
+const LOG_SAMPLES_MAX: usize = 8;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "walrus-bench",
+    about = "Runs workloads P1-P4 against walrus nodes it starts on loopback"
+)]
+struct Args {
+    /// Nodes to start: 1 (single node) or 3 (cluster).
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Seconds each produce phase (and the loopback ceiling) runs.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    secs: u64,
+    /// Repeats, each on fresh node processes and a fresh data directory.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=50))]
+    repeats: u64,
+    /// Payload sizes in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![100usize, 1024])]
+    sizes: Vec<usize>,
+    /// Requests in flight in P2.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    inflight: u64,
+    /// Producers in P3.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    producers: u64,
+    /// Time budget of P4 in seconds (default: 2 x --secs).
+    #[arg(long)]
+    get_budget_secs: Option<u64>,
+    /// With --nodes 3: P3 producer i connects to node i mod 3 (PUTs to non-leaders are
+    /// forwarded) instead of every client connecting to the topic's segment leader.
+    #[arg(long)]
+    spread: bool,
+    /// The walrus-node binary (default: next to this executable).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// Parent of the temporary data directory (default: <target>/tmp next to this executable).
+    #[arg(long)]
+    tmp_dir: Option<PathBuf>,
+    /// Keep the data directories and node logs (for inspection) instead of deleting them.
+    #[arg(long)]
+    keep_dir: bool,
+}
+
+// ---------------------------------------------------------------------- client
+
+/// A blocking connection speaking the walrus frame protocol, able to pipeline.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Conn {
+    fn connect(addr: &str) -> io::Result<Conn> {
+        let sa = addr
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+        let stream = TcpStream::connect_timeout(&sa, IO_TIMEOUT)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(64 << 10),
+            start: 0,
+        })
+    }
+
+    /// A whole reply already buffered, if any.
+    fn try_take(&mut self) -> io::Result<Option<Reply>> {
+        match take_frame(&self.buf[self.start..], REPLY_LEN_MAX) {
+            Ok(Some((body, used))) => {
+                let r = parse_reply(body);
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                Ok(Some(r))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+
+    /// Reads once from the socket (blocking, bounded by the read timeout).
+    fn fill(&mut self) -> io::Result<()> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let mut chunk = [0u8; 64 << 10];
+        let n = self.stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the node closed the connection",
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    fn recv(&mut self) -> io::Result<Reply> {
+        loop {
+            if let Some(r) = self.try_take()? {
+                return Ok(r);
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Sends one pre-framed request and waits for its reply.
+    fn call_framed(&mut self, frame: &[u8]) -> io::Result<Reply> {
+        self.stream.write_all(frame)?;
+        self.recv()
+    }
+
+    fn call(&mut self, body: &[u8]) -> io::Result<Reply> {
+        let mut frame = Vec::with_capacity(body.len() + 4);
+        put_frame(&mut frame, body);
+        self.call_framed(&frame)
+    }
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(body.len() + 4);
+    put_frame(&mut f, body);
+    f
+}
+
+fn put_frame_for(size: usize) -> Vec<u8> {
+    let mut body = format!("PUT {TOPIC} ").into_bytes();
+    body.extend((0..size).map(|i| b'a' + (i % 26) as u8));
+    framed(&body)
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+// ---------------------------------------------------------------------- results
+
+/// What one phase of one repeat measured.
+struct Phase {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+    /// Largest VmHWM of the node processes after the phase, in KiB.
+    rss_kib: u64,
+}
+
+impl Phase {
+    fn new() -> Phase {
+        Phase {
+            ok: 0,
+            errors: 0,
+            first_error: None,
+            elapsed: Duration::ZERO,
+            hist: new_hist(),
+            rss_kib: 0,
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.ok as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+
+    fn absorb(&mut self, other: Phase) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.elapsed = self.elapsed.max(other.elapsed);
+        let _ = self.hist.add(&other.hist);
+    }
+}
+
+fn classify_put(p: &mut Phase, r: Reply, latency: Duration) {
+    match r {
+        Reply::Ok(Some(_)) => {
+            p.ok += 1;
+            p.hist.saturating_record(micros(latency));
+        }
+        Reply::Ok(None) => p.error("PUT answered OK without an offset".into()),
+        Reply::Empty => p.error("PUT answered EMPTY".into()),
+        Reply::Err(e) => p.error(format!("ERR {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------- workloads
+
+/// P1 (and one P3 producer): one PUT at a time on one connection until `deadline`.
+fn run_serial(addr: &str, frame: &[u8], start: &Barrier, secs: u64) -> Result<Phase, String> {
+    let mut conn = Conn::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut p = Phase::new();
+    start.wait();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        match conn.call_framed(frame) {
+            Ok(r) => classify_put(&mut p, r, t.elapsed()),
+            Err(e) => {
+                p.error(format!("io: {e}"));
+                break;
+            }
+        }
+    }
+    p.elapsed = t0.elapsed();
+    Ok(p)
+}
+
+/// P2: one connection, `inflight` PUTs outstanding until `deadline`, then drain.
+fn run_pipelined(addr: &str, frame: &[u8], inflight: usize, secs: u64) -> Result<Phase, String> {
+    let mut conn = Conn::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut p = Phase::new();
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(inflight);
+    let mut out: Vec<u8> = Vec::with_capacity(frame.len() * inflight);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
+    for _ in 0..inflight {
+        out.extend_from_slice(frame);
+    }
+    let now = Instant::now();
+    conn.stream
+        .write_all(&out)
+        .map_err(|e| format!("write: {e}"))?;
+    sent.extend(std::iter::repeat_n(now, inflight));
+    while !sent.is_empty() {
+        if let Err(e) = conn.fill() {
+            p.error(format!("io: {e} ({} replies outstanding)", sent.len()));
+            break;
+        }
+        out.clear();
+        let mut more = 0usize;
+        let before_deadline = Instant::now() < deadline;
+        loop {
+            match conn.try_take() {
+                Ok(Some(r)) => {
+                    let t = sent.pop_front().unwrap_or(t0);
+                    classify_put(&mut p, r, t.elapsed());
+                    if before_deadline {
+                        out.extend_from_slice(frame);
+                        more += 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("bad reply frame: {e}")),
+            }
+        }
+        if more > 0 {
+            let now = Instant::now();
+            if let Err(e) = conn.stream.write_all(&out) {
+                p.error(format!("io: {e}"));
+                break;
+            }
+            sent.extend(std::iter::repeat_n(now, more));
+        }
+    }
+    p.elapsed = t0.elapsed();
+    Ok(p)
+}
+
+/// P3: `addrs.len()` producers, one connection each, one PUT at a time.
+fn run_producers(addrs: &[String], frame: &[u8], secs: u64) -> Result<Phase, String> {
+    let barrier = Arc::new(Barrier::new(addrs.len()));
+    let frame = Arc::new(frame.to_vec());
+    let handles: Vec<_> = addrs
+        .iter()
+        .map(|addr| {
+            let (addr, barrier, frame) = (addr.clone(), barrier.clone(), frame.clone());
+            thread::spawn(move || {
+                let r = run_serial(&addr, &frame, &barrier, secs);
+                if r.is_err() {
+                    // Others wait at the barrier: never leave them hanging.
+                    barrier.wait();
+                }
+                r
+            })
+        })
+        .collect();
+    let mut total = Phase::new();
+    let mut failure = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(p)) => total.absorb(p),
+            Ok(Err(e)) => failure = Some(e),
+            Err(_) => failure = Some("a producer thread panicked".into()),
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
+/// P4: one consumer GETs from the start until it has `expected` entries, the topic is empty
+/// or the budget is spent. Returns the phase and how many payloads had an unexpected size.
+fn run_consumer(
+    addr: &str,
+    expected: u64,
+    sizes: &[usize],
+    budget: Duration,
+) -> Result<(Phase, u64), String> {
+    let mut conn = Conn::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let frame = framed(format!("GET {TOPIC}").as_bytes());
+    let mut p = Phase::new();
+    let mut bad_size = 0u64;
+    let mut empties_in_row = 0u32;
+    let t0 = Instant::now();
+    while p.ok < expected && t0.elapsed() < budget {
+        let t = Instant::now();
+        match conn.call_framed(&frame) {
+            Ok(Reply::Ok(Some(data))) => {
+                p.ok += 1;
+                p.hist.saturating_record(micros(t.elapsed()));
+                empties_in_row = 0;
+                if !sizes.contains(&data.len()) && data != b"warm-up" {
+                    bad_size += 1;
+                }
+            }
+            Ok(Reply::Empty) => {
+                // The committed length reaches the metadata every 50 ms: give it a little time.
+                empties_in_row += 1;
+                if empties_in_row > 20 {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(25));
+            }
+            Ok(Reply::Ok(None)) => p.error("GET answered OK without a payload".into()),
+            Ok(Reply::Err(e)) => {
+                p.error(format!("ERR {e}"));
+                if p.errors > 1000 {
+                    break;
+                }
+            }
+            Err(e) => {
+                p.error(format!("io: {e}"));
+                break;
+            }
+        }
+    }
+    p.elapsed = t0.elapsed();
+    Ok((p, bad_size))
+}
+
+/// The ceiling: loopback round trips of a 100-byte request and reply through an echo thread.
+fn loopback_ceiling(secs: u64) -> Result<Phase, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("local addr: {e}"))?;
+    let server = thread::spawn(move || -> io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reply = framed(&[b'r'; CEILING_BODY]);
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut used_total = 0;
+            while let Ok(Some((_, used))) = take_frame(&buf[used_total..], REPLY_LEN_MAX) {
+                used_total += used;
+                s.write_all(&reply)?;
+            }
+            buf.drain(..used_total);
+        }
+    });
+    let mut conn = Conn::connect(&addr.to_string()).map_err(|e| format!("connect echo: {e}"))?;
+    let frame = framed(&[b'q'; CEILING_BODY]);
+    let mut p = Phase::new();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        match conn.call_framed(&frame) {
+            Ok(_) => {
+                p.ok += 1;
+                p.hist.saturating_record(micros(t.elapsed()));
+            }
+            Err(e) => return Err(format!("echo: {e}")),
+        }
+    }
+    p.elapsed = t0.elapsed();
+    drop(conn);
+    match server.join() {
+        Ok(Ok(())) => Ok(p),
+        Ok(Err(e)) => Err(format!("echo server: {e}")),
+        Err(_) => Err("echo server panicked".into()),
+    }
+}
+
+// ---------------------------------------------------------------------- processes
+
+/// Removes the bench's temporary directory when dropped.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+struct NodeProc {
+    id: u64,
+    child: Child,
+    client: String,
+    log: PathBuf,
+}
+
+/// The node processes one repeat started; killed (by handle) and reaped when dropped.
+struct Cluster {
+    nodes: Vec<NodeProc>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+    }
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    // Hold every listener until all are picked so no port is handed out twice.
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}")))
+        .collect::<Result<_, _>>()?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| format!("local addr: {e}"))
+        })
+        .collect()
+}
+
+fn metrics(addr: &str) -> Result<serde_json::Value, String> {
+    let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
+    match c.call(b"METRICS").map_err(|e| e.to_string())? {
+        Reply::Ok(Some(j)) => serde_json::from_slice(&j).map_err(|e| e.to_string()),
+        other => Err(format!("METRICS answered {other:?}")),
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Polls `check` until it holds, the node exits or `READY_TIMEOUT` passes.
+fn wait_until(
+    node: &mut NodeProc,
+    what: &str,
+    mut check: impl FnMut(&str) -> bool,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    while t0.elapsed() < READY_TIMEOUT {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(format!(
+                "node {} exited ({status}) before {what}; log tail:\n{}",
+                node.id,
+                log_tail(&node.log)
+            ));
+        }
+        if check(&node.client) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!(
+        "node {} not {what} after {:?}; log tail:\n{}",
+        node.id,
+        READY_TIMEOUT,
+        log_tail(&node.log)
+    ))
+}
+
+fn start_cluster(bin: &Path, dir: &Path, count: usize) -> Result<Cluster, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let ports = free_ports(count * 2)?;
+    let mut cluster = Cluster { nodes: Vec::new() };
+    for i in 0..count {
+        let id = i as u64 + 1;
+        let (raft, client) = (ports[2 * i], ports[2 * i + 1]);
+        let log = dir.join(format!("node{id}.log"));
+        let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(dir.join(format!("node{id}")))
+            .arg("--raft-port")
+            .arg(raft.to_string())
+            .arg("--client-port")
+            .arg(client.to_string())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if i > 0 {
+            cmd.arg("--join").arg(format!("127.0.0.1:{}", ports[0]));
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        cluster.nodes.push(NodeProc {
+            id,
+            child,
+            client: format!("127.0.0.1:{client}"),
+            log,
+        });
+        let node = cluster.nodes.last_mut().expect("just pushed");
+        wait_until(node, "serving", |addr| {
+            metrics(addr)
+                .map(|m| m["raft"]["current_leader"].is_u64())
+                .unwrap_or(false)
+        })?;
+    }
+    // Every node a voter and registered live in the metadata, as seen by the first node.
+    let want = count;
+    let first = &mut cluster.nodes[0];
+    wait_until(first, "seeing the whole cluster", |addr| {
+        metrics(addr)
+            .map(|m| {
+                let voters = m["raft"]["voters"].as_array().map_or(0, |v| v.len());
+                let live = m["nodes"]
+                    .as_object()
+                    .map_or(0, |n| n.values().filter(|v| v["live"] == true).count());
+                voters == want && live == want
+            })
+            .unwrap_or(false)
+    })?;
+    Ok(cluster)
+}
+
+impl Cluster {
+    /// Largest VmHWM (peak RSS) among the node processes, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter_map(|n| {
+                let s = std::fs::read_to_string(format!("/proc/{}/status", n.child.id())).ok()?;
+                let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn client_of(&self, id: u64) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.client.as_str())
+    }
+
+    /// Warnings and errors the nodes logged: (count, a few distinct samples).
+    fn log_findings(&self) -> (u64, Vec<String>) {
+        let mut count = 0;
+        let mut samples: Vec<String> = Vec::new();
+        for n in &self.nodes {
+            let s = std::fs::read_to_string(&n.log).unwrap_or_default();
+            for line in s.lines() {
+                if line.contains(" WARN ") || line.contains(" ERROR ") || line.contains("panicked")
+                {
+                    count += 1;
+                    // Drop the timestamp so repeats of one message look alike.
+                    let msg = line.split_once(' ').map_or(line, |(_, m)| m).trim();
+                    let sample = format!("node {}: {}", n.id, truncate(msg, 200));
+                    if samples.len() < LOG_SAMPLES_MAX && !samples.iter().any(|s| s == &sample) {
+                        samples.push(sample);
+                    }
+                }
+            }
+        }
+        (count, samples)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+// ---------------------------------------------------------------------- one repeat
+
+/// Names of the workloads in report order.
+fn workload_names(sizes: &[usize]) -> Vec<String> {
+    let mut names = Vec::new();
+    for p in ["P1", "P2", "P3"] {
+        for s in sizes {
+            names.push(format!("{p} {}", size_label(*s)));
+        }
+    }
+    names.push("P4 GET".into());
+    names
+}
+
+fn size_label(s: usize) -> String {
+    if s >= 1024 && s & 1023 == 0 {
+        format!("{} KiB", s / 1024)
+    } else {
+        format!("{s} B")
+    }
+}
+
+struct RepeatResult {
+    ceiling: Phase,
+    /// Indexed like `workload_names`.
+    phases: Vec<Phase>,
+    written: u64,
+    bad_size: u64,
+    segment_leader: u64,
+    forwarded: u64,
+    log_count: u64,
+    log_samples: Vec<String>,
+}
+
+fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatResult, String> {
+    let secs = args.secs;
+    eprintln!("repeat {rep}: loopback ceiling ({secs} s)");
+    let ceiling = loopback_ceiling(secs)?;
+    let cluster = start_cluster(bin, dir, args.nodes as usize)?;
+    let first = cluster.nodes[0].client.clone();
+    let mut c = Conn::connect(&first).map_err(|e| format!("connect {first}: {e}"))?;
+    match c
+        .call(format!("REGISTER {TOPIC}").as_bytes())
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Ok(_) => {}
+        other => return Err(format!("REGISTER answered {other:?}")),
+    }
+    let segment_leader = match c
+        .call(format!("STATE {TOPIC}").as_bytes())
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Ok(Some(j)) => {
+            let v: serde_json::Value = serde_json::from_slice(&j).map_err(|e| e.to_string())?;
+            v["segments"][0]["leader"]
+                .as_u64()
+                .ok_or("STATE names no segment leader")?
+        }
+        other => return Err(format!("STATE answered {other:?}")),
+    };
+    let leader_addr = cluster
+        .client_of(segment_leader)
+        .ok_or_else(|| format!("segment leader {segment_leader} is not a node started here"))?
+        .to_string();
+    // Warm-up: the first append waits for the segment lease (renewed every 100 ms).
+    let mut warm = Conn::connect(&leader_addr).map_err(|e| e.to_string())?;
+    let mut written = 0u64;
+    match warm
+        .call(format!("PUT {TOPIC} warm-up").as_bytes())
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Ok(Some(_)) => written += 1,
+        other => return Err(format!("warm-up PUT answered {other:?}")),
+    }
+
+    let mut phases = Vec::new();
+    for &size in &args.sizes {
+        eprintln!("repeat {rep}: P1 {} ({secs} s)", size_label(size));
+        let frame = put_frame_for(size);
+        let mut p = run_serial(&leader_addr, &frame, &Barrier::new(1), secs)?;
+        p.rss_kib = cluster.peak_rss_kib();
+        written += p.ok;
+        phases.push(p);
+    }
+    for &size in &args.sizes {
+        eprintln!("repeat {rep}: P2 {} ({secs} s)", size_label(size));
+        let frame = put_frame_for(size);
+        let mut p = run_pipelined(&leader_addr, &frame, args.inflight as usize, secs)?;
+        p.rss_kib = cluster.peak_rss_kib();
+        written += p.ok;
+        phases.push(p);
+    }
+    let producer_addrs: Vec<String> = (0..args.producers as usize)
+        .map(|i| {
+            if args.spread {
+                cluster.nodes[i % cluster.nodes.len()].client.clone()
+            } else {
+                leader_addr.clone()
+            }
+        })
+        .collect();
+    for &size in &args.sizes {
+        eprintln!("repeat {rep}: P3 {} ({secs} s)", size_label(size));
+        let frame = put_frame_for(size);
+        let mut p = run_producers(&producer_addrs, &frame, secs)?;
+        p.rss_kib = cluster.peak_rss_kib();
+        written += p.ok;
+        phases.push(p);
+    }
+    let budget = Duration::from_secs(args.get_budget_secs.unwrap_or(2 * secs));
+    eprintln!("repeat {rep}: P4 reading back {written} entries (budget {budget:?})");
+    let (mut p4, bad_size) = run_consumer(&leader_addr, written, &args.sizes, budget)?;
+    p4.rss_kib = cluster.peak_rss_kib();
+    phases.push(p4);
+    let forwarded = cluster
+        .nodes
+        .iter()
+        .filter_map(|n| metrics(&n.client).ok())
+        .filter_map(|m| m["counters"]["puts_forwarded"].as_u64())
+        .sum();
+    let (log_count, log_samples) = cluster.log_findings();
+    drop(cluster);
+    if !args.keep_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(RepeatResult {
+        ceiling,
+        phases,
+        written,
+        bad_size,
+        segment_leader,
+        forwarded,
+        log_count,
+        log_samples,
+    })
+}
+
+// ---------------------------------------------------------------------- report
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+fn fmt_rate(x: f64) -> String {
+    let r = x.round() as u64;
+    let digits: Vec<char> = r.to_string().chars().rev().collect();
+    let groups: Vec<String> = digits
+        .chunks(3)
+        .map(|c| c.iter().rev().collect())
+        .rev()
+        .collect();
+    groups.join(",")
+}
+
+fn fmt_us(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else if us >= 1000 {
+        format!("{:.2} ms", us as f64 / 1000.0)
+    } else {
+        format!("{us} µs")
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
+
+fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
+    let names = workload_names(&args.sizes);
+    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
+    let mode = if args.nodes == 1 {
+        "single node (`--nodes 1`)".to_string()
+    } else {
+        format!(
+            "{}-node cluster (`--nodes {}`), clients on the topic's segment leader{}",
+            args.nodes,
+            args.nodes,
+            if args.spread {
+                "; P3 producers spread over all nodes (`--spread`)"
+            } else {
+                ""
+            }
+        )
+    };
+    let ceil_rates: Vec<f64> = results.iter().map(|r| r.ceiling.rate()).collect();
+    let mut ceil_hist = new_hist();
+    for r in results {
+        let _ = ceil_hist.add(&r.ceiling.hist);
+    }
+    let ceil_med = median(&ceil_rates);
+    let (clo, chi) = min_max(&ceil_rates);
+
+    println!("## walrus-bench\n");
+    println!("- machine: {nproc} CPUs, {}", cpu_model());
+    println!("- mode: {mode}");
+    println!(
+        "- durability: **leader-fsync** — the segment store fsyncs every append (group commit) \
+         before the reply; segment data lives on the segment leader only (replication factor 1); \
+         topic metadata and the GET cursor go through Raft (fsynced log, majority of {})",
+        args.nodes
+    );
+    println!(
+        "- runs: {} repeats x {} s per produce phase, fresh node processes and data dir per repeat \
+         (under {}); P2 keeps {} PUTs in flight; P3 runs {} producers; P4 budget {} s",
+        args.repeats,
+        args.secs,
+        data_root.display(),
+        args.inflight,
+        args.producers,
+        args.get_budget_secs.unwrap_or(2 * args.secs)
+    );
+    println!(
+        "- segment leader of `{TOPIC}` per repeat: {:?}; PUTs forwarded between nodes per repeat: {:?}",
+        results.iter().map(|r| r.segment_leader).collect::<Vec<_>>(),
+        results.iter().map(|r| r.forwarded).collect::<Vec<_>>()
+    );
+    println!(
+        "- loopback ceiling ({CEILING_BODY} B request/reply, 1 connection): {} round trips/s \
+         (min–max {}–{}), p50 {}, p99 {}\n",
+        fmt_rate(ceil_med),
+        fmt_rate(clo),
+        fmt_rate(chi),
+        fmt_us(ceil_hist.value_at_quantile(0.5)),
+        fmt_us(ceil_hist.value_at_quantile(0.99))
+    );
+
+    println!("| workload | msgs/s median (min–max) | MB/s | p50 | p99 | errors | peak RSS (max node) | vs loopback |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut medians = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let rates: Vec<f64> = results.iter().map(|r| r.phases[i].rate()).collect();
+        let med = median(&rates);
+        let (lo, hi) = min_max(&rates);
+        medians.push(med);
+        let mut hist = new_hist();
+        let mut errors = 0;
+        let mut rss = 0;
+        for r in results {
+            let _ = hist.add(&r.phases[i].hist);
+            errors += r.phases[i].errors;
+            rss = rss.max(r.phases[i].rss_kib);
+        }
+        let size = if i + 1 == names.len() {
+            None
+        } else {
+            Some(args.sizes[i % args.sizes.len()])
+        };
+        let mbs = size.map_or("—".to_string(), |s| {
+            format!("{:.2}", med * s as f64 / 1e6)
+        });
+        let ratio = if name.starts_with("P1") && ceil_med > 0.0 {
+            format!("{:.1}%", 100.0 * med / ceil_med)
+        } else {
+            "—".into()
+        };
+        let (p50, p99) = if hist.is_empty() {
+            ("—".into(), "—".into())
+        } else {
+            (
+                fmt_us(hist.value_at_quantile(0.5)),
+                fmt_us(hist.value_at_quantile(0.99)),
+            )
+        };
+        println!(
+            "| {name} | {} ({}–{}) | {mbs} | {p50} | {p99} | {errors} | {:.1} MiB | {ratio} |",
+            fmt_rate(med),
+            fmt_rate(lo),
+            fmt_rate(hi),
+            rss as f64 / 1024.0
+        );
+    }
+    println!();
+
+    let p4 = names.len() - 1;
+    for (k, r) in results.iter().enumerate() {
+        let g = &r.phases[p4];
+        println!(
+            "- repeat {}: P4 read {} of {} entries written in {:.1} s{}{}",
+            k + 1,
+            g.ok,
+            r.written,
+            g.elapsed.as_secs_f64(),
+            if g.ok < r.written {
+                " (stopped: budget spent or topic empty)"
+            } else {
+                ""
+            },
+            if r.bad_size > 0 {
+                format!("; {} payloads of an unexpected size", r.bad_size)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for (i, name) in names.iter().enumerate() {
+        for (k, r) in results.iter().enumerate() {
+            if let Some(e) = &r.phases[i].first_error {
+                println!(
+                    "- repeat {} {name}: {} errors, first: {}",
+                    k + 1,
+                    r.phases[i].errors,
+                    truncate(e, 200)
+                );
+            }
+        }
+    }
+    let log_total: u64 = results.iter().map(|r| r.log_count).sum();
+    if log_total > 0 {
+        println!("- node logs: {log_total} WARN/ERROR lines; samples:");
+        let mut seen: Vec<&String> = Vec::new();
+        for s in results.iter().flat_map(|r| &r.log_samples) {
+            if !seen.contains(&s) && seen.len() < LOG_SAMPLES_MAX {
+                seen.push(s);
+                println!("  - `{s}`");
+            }
+        }
+    } else {
+        println!("- node logs: no WARN/ERROR lines");
+    }
+    println!();
+
+    println!("| target | measured (median) | result |");
+    println!("|---|---|---|");
+    let first_of = |p: &str| names.iter().position(|n| n.starts_with(p));
+    if let Some(i) = first_of("P1") {
+        let ratio = if ceil_med > 0.0 {
+            medians[i] / ceil_med
+        } else {
+            0.0
+        };
+        if args.nodes == 1 {
+            println!(
+                "| single node {} ≥ 40% of loopback round trips/s | {:.1}% ({} of {}) | {} |",
+                names[i],
+                100.0 * ratio,
+                fmt_rate(medians[i]),
+                fmt_rate(ceil_med),
+                met(ratio >= 0.40)
+            );
+        } else {
+            println!(
+                "| single node P1 ≥ 40% of loopback | n/a in this mode (run `--nodes 1`) ({:.1}% here) | — |",
+                100.0 * ratio
+            );
+        }
+    }
+    if let Some(i) = first_of("P3") {
+        if args.nodes == 3 {
+            println!(
+                "| 3-node {} on one topic ≥ 12,000 PUT/s | {} PUT/s | {} |",
+                names[i],
+                fmt_rate(medians[i]),
+                met(medians[i] >= 12_000.0)
+            );
+        } else {
+            println!(
+                "| 3-node P3 on one topic ≥ 12,000 PUT/s | n/a in this mode (run `--nodes 3`) ({} PUT/s here) | — |",
+                fmt_rate(medians[i])
+            );
+        }
+    }
+    println!(
+        "| P4 ≥ 20,000 GET/s | {} GET/s | {} |",
+        fmt_rate(medians[p4]),
+        met(medians[p4] >= 20_000.0)
+    );
+}
+
+// ---------------------------------------------------------------------- main
+
+fn run(args: Args) -> Result<(), String> {
+    if args.nodes != 1 && args.nodes != 3 {
+        return Err("--nodes must be 1 or 3".into());
+    }
+    if args.sizes.is_empty() || args.sizes.iter().any(|&s| s == 0 || s > 512 << 10) {
+        return Err("--sizes must be between 1 and 524288 bytes".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let bin = args
+        .node_bin
+        .clone()
+        .unwrap_or_else(|| exe.with_file_name("walrus-node"));
+    if !bin.is_file() {
+        return Err(format!(
+            "no walrus-node binary at {} (build it, or pass --node-bin)",
+            bin.display()
+        ));
+    }
+    let parent = match &args.tmp_dir {
+        Some(d) => d.clone(),
+        None => exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|target| target.join("tmp"))
+            .ok_or("cannot place the temporary directory; pass --tmp-dir")?,
+    };
+    let root = TempDir {
+        path: parent.join(format!("walrus-bench-{}", std::process::id())),
+        keep: args.keep_dir,
+    };
+    std::fs::create_dir_all(&root.path)
+        .map_err(|e| format!("mkdir {}: {e}", root.path.display()))?;
+    let mut results = Vec::new();
+    for rep in 1..=args.repeats {
+        let dir = root.path.join(format!("repeat{rep}"));
+        results.push(run_repeat(&args, &bin, &dir, rep)?);
+    }
+    report(&args, &results, &root.path);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walrus-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -882,10 +882,17 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
     println!("## walrus-bench\n");
     println!("- machine: {nproc} CPUs, {}", cpu_model());
     println!("- mode: {mode}");
+    // The nodes inherit WALRUS_DURABILITY from this process.
+    let durability = std::env::var("WALRUS_DURABILITY").unwrap_or_else(|_| "leader-fsync".into());
+    let meaning = if durability == "none" {
+        "acknowledged once in the leader's page cache (no fsync)"
+    } else {
+        "the segment store fsyncs every append (group commit) before the reply"
+    };
     println!(
-        "- durability: **leader-fsync** — the segment store fsyncs every append (group commit) \
-         before the reply; segment data lives on the segment leader only (replication factor 1); \
-         topic metadata and the GET cursor go through Raft (fsynced log, majority of {})",
+        "- durability: **{durability}** — {meaning}; segment data lives on the segment leader \
+         only (replication factor 1); topic metadata and the GET cursor go through Raft \
+         (fsynced log, majority of {})",
         args.nodes
     );
     println!(

@@ -212,18 +212,39 @@ impl RpcClient {
     }
 }
 
+/// Connections kept per peer for forwarded requests: concurrent forwards (say, four
+/// producers whose segment moved to another node) use separate connections instead of queueing
+/// behind one.
+pub const PEER_CONNECTIONS_MAX: usize = 8;
+
 /// Clients by address, shared by everything that talks to peers.
 #[derive(Default, Clone)]
 pub struct Peers {
-    clients: Arc<std::sync::Mutex<HashMap<String, Arc<RpcClient>>>>,
+    clients: Arc<std::sync::Mutex<HashMap<String, Arc<PeerPool>>>>,
+}
+
+struct PeerPool {
+    clients: Vec<Arc<RpcClient>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Peers {
-    /// The client for `addr`, created on first use.
+    /// A client for `addr` (one of a small pool, in turn), created on first use.
     pub fn get(&self, addr: &str) -> Arc<RpcClient> {
-        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(addr.to_string())
-            .or_insert_with(|| Arc::new(RpcClient::new(addr.to_string())))
-            .clone()
+        let pool = {
+            let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(addr.to_string())
+                .or_insert_with(|| {
+                    Arc::new(PeerPool {
+                        clients: (0..PEER_CONNECTIONS_MAX)
+                            .map(|_| Arc::new(RpcClient::new(addr.to_string())))
+                            .collect(),
+                        next: std::sync::atomic::AtomicUsize::new(0),
+                    })
+                })
+                .clone()
+        };
+        let i = pool.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.clients.len();
+        pool.clients[i].clone()
     }
 }

@@ -66,7 +66,6 @@ pub struct SegmentLeader {
     buffer: VecDeque<Entry>,
     buffer_start: u64,
     committed: u64,
-    reported: u64,
     waiting: VecDeque<(RequestId, u64, u64)>,
     next_io: u64,
 }
@@ -99,7 +98,6 @@ impl SegmentLeader {
             buffer: VecDeque::new(),
             buffer_start: 0,
             committed: 0,
-            reported: 0,
             waiting: VecDeque::new(),
             next_io: 0,
         }
@@ -295,8 +293,10 @@ impl SegmentLeader {
                 self.send_from(f, d, out);
             }
         }
-        if self.committed > self.reported {
-            self.reported = self.committed;
+        // Re-reported on every tick, not only when it grew: a proposal may be lost (metadata
+        // leader change, partition), and `ReportCommitted` is monotone and idempotent, so a
+        // repeat is harmless while a lost one would leave readers below committed data.
+        if self.committed > 0 {
             out.push(Effect::Propose(Command::ReportCommitted {
                 topic: self.seg.topic.clone(),
                 segment: self.seg.segment,

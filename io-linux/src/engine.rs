@@ -1349,7 +1349,12 @@ impl<D: Disk> WalWorker<D> {
             let res = match &result {
                 // Durable in the journal: now into the segment, in queue order (so offsets
                 // become visible in order), and onto the list the next checkpoint syncs.
-                Ok(()) => match r.segment.file.write_all_at(&r.data, r.pos) {
+                // (A request too large for the journal was already written and synced.)
+                Ok(()) => match if fits_journal(&r.topic.name, &r.data) {
+                    r.segment.file.write_all_at(&r.data, r.pos)
+                } else {
+                    Ok(())
+                } {
                     Ok(()) => {
                         if !r.segment.journal_dirty.swap(true, Ordering::AcqRel) {
                             lock(&self.dirty).push(r.segment.clone());
@@ -1537,10 +1542,10 @@ fn fresh_journal_base(base: u64, len: u64) -> u64 {
 
 /// A journal record's payload: `[name len u8][name][first offset u64][count u64][records]`.
 fn journal_payload(topic: &str, first: u64, count: u64, records: &[u8]) -> Option<Vec<u8>> {
-    let len = 1 + topic.len() + 16 + records.len();
-    if len > ENTRY_PAYLOAD_MAX || topic.len() > u8::MAX as usize {
+    if !fits_journal(topic, records) {
         return None;
     }
+    let len = 1 + topic.len() + 16 + records.len();
     let mut p = Vec::with_capacity(len);
     p.push(topic.len() as u8);
     p.extend_from_slice(topic.as_bytes());
@@ -1548,6 +1553,12 @@ fn journal_payload(topic: &str, first: u64, count: u64, records: &[u8]) -> Optio
     p.extend_from_slice(&count.to_le_bytes());
     p.extend_from_slice(records);
     Some(p)
+}
+
+/// Whether one append's records fit in a single journal record (else its segment is synced
+/// directly).
+fn fits_journal(topic: &str, records: &[u8]) -> bool {
+    1 + topic.len() + 16 + records.len() <= ENTRY_PAYLOAD_MAX && topic.len() <= u8::MAX as usize
 }
 
 fn parse_journal_payload(p: &[u8]) -> Option<(&str, u64, u64, &[u8])> {

@@ -132,6 +132,13 @@ impl Node {
         self.sm.read(|m| m.topic(name).cloned())
     }
 
+    /// The topic's open segment (`None` if the topic is unknown, `Some(None)` while it has
+    /// none), without cloning the rest of its chain.
+    fn open_segment_of(&self, name: &str) -> Option<Option<SegmentMeta>> {
+        self.sm
+            .read(|m| m.topic(name).map(|t| t.open_segment().cloned()))
+    }
+
     fn addr_of(&self, node: NodeId) -> Option<String> {
         self.sm
             .read(|m| m.nodes().get(&node).map(|n| n.addr.clone()))
@@ -256,11 +263,7 @@ impl Node {
             if Instant::now() >= deadline {
                 return Err("timed out waiting for the segment leader".into());
             }
-            // Only the open segment is needed: do not clone the whole chain.
-            let open = self
-                .sm
-                .read(|m| m.topic(topic).map(|t| t.open_segment().cloned()));
-            let Some(open) = open else {
+            let Some(open) = self.open_segment_of(topic) else {
                 if forwarded {
                     return Err("unknown topic here; retry".into());
                 }
@@ -314,7 +317,7 @@ impl Node {
 
     async fn wait_for_topic(&self, topic: &str) {
         for _ in 0..20 {
-            if self.topic(topic).is_some() {
+            if self.sm.read(|m| m.topic(topic).is_some()) {
                 return;
             }
             self.wait_change(Duration::from_millis(50)).await;
@@ -419,13 +422,24 @@ impl Node {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let mut asked_report = false;
         for _ in 0..GET_ATTEMPTS_MAX {
-            let Some(t) = self.topic(topic) else {
+            // Plan inside the read lock: a GET must not clone the topic's whole chain.
+            let planned = self.sm.read(|m| {
+                m.topic(topic).map(|t| {
+                    (
+                        next_shared_read(topic, t, 1),
+                        t.open_segment().and_then(|s| s.leader()),
+                    )
+                })
+            });
+            let Some((next, open_leader)) = planned else {
                 return Err("unknown topic".into());
             };
-            let Some((plan, cmd)) = next_shared_read(topic, &t, 1) else {
+            let Some((plan, cmd)) = next else {
                 if !asked_report {
                     asked_report = true;
-                    self.ask_report(topic, &t).await;
+                    if let Some(leader) = open_leader {
+                        self.ask_report(topic, leader).await;
+                    }
                     continue;
                 }
                 self.counters.gets_empty.fetch_add(1, Ordering::Relaxed);
@@ -444,10 +458,7 @@ impl Node {
         Err("cursor contended; retry".into())
     }
 
-    async fn ask_report(&self, topic: &str, t: &TopicMeta) {
-        let Some(leader) = t.open_segment().and_then(|s| s.leader()) else {
-            return;
-        };
+    async fn ask_report(&self, topic: &str, leader: NodeId) {
         if leader == self.me() {
             let _ = self.report_committed(topic).await;
         } else if let Some(addr) = self.addr_of(leader) {
@@ -466,10 +477,10 @@ impl Node {
     /// Reports this node's durable length of the topic's open segment, if it leads it and the
     /// metadata lags.
     pub async fn report_committed(&self, topic: &str) -> Result<(), Failure> {
-        let Some(t) = self.topic(topic) else {
+        let Some(open) = self.open_segment_of(topic) else {
             return Err("unknown topic".into());
         };
-        let Some(seg) = t.open_segment() else {
+        let Some(seg) = open else {
             return Ok(());
         };
         if seg.leader() != Some(self.me()) {

@@ -65,6 +65,9 @@ pub(crate) struct Config {
     pub fsync: FsyncSchedule,
     pub segment_bytes: u64,
     pub reclaim_consumed: bool,
+    /// `SyncEach` commits on the appending thread instead of a group-commit thread (for
+    /// deterministic simulation, where no thread may be spawned).
+    pub inline_commit: bool,
 }
 
 pub(crate) struct Engine<D: Disk> {
@@ -74,6 +77,8 @@ pub(crate) struct Engine<D: Disk> {
     wal_tx: Option<SyncSender<Request<D>>>,
     /// Segments written since the last journal checkpoint (`SyncEach`).
     dirty: Arc<Mutex<Vec<Arc<Segment<D>>>>>,
+    /// The group-commit worker when commits run on the appending thread (`inline_commit`).
+    inline: Option<Mutex<WalWorker<D>>>,
 }
 
 struct Segment<D: Disk> {
@@ -194,6 +199,7 @@ impl<D: Disk> Engine<D> {
             topics: RwLock::new(HashMap::new()),
             wal_tx,
             dirty: Arc::new(Mutex::new(Vec::new())),
+            inline: None,
         };
         let mut names = engine.disk.list_dir(&engine.cfg.root)?;
         names.sort();
@@ -223,6 +229,11 @@ impl<D: Disk> Engine<D> {
             (Some(_), None) => return Err(io::Error::other("SyncEach needs its journal")),
             _ => None,
         };
+        if engine.cfg.inline_commit {
+            let mut engine = engine;
+            engine.inline = worker.map(Mutex::new);
+            return Ok((engine, None));
+        }
         Ok((engine, worker))
     }
 
@@ -448,6 +459,10 @@ impl<D: Disk> Engine<D> {
                 return Err(io::Error::other("group-commit thread has stopped"));
             }
             drop(st);
+            if let Some(worker) = &self.inline {
+                // Whoever holds the worker commits everything queued so far, ours included.
+                lock(worker).drain();
+            }
             return done_rx
                 .recv()
                 .unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
@@ -1316,18 +1331,35 @@ impl<D: Disk> WalWorker<D> {
     pub fn run(mut self) {
         let mut batch: Vec<Request<D>> = Vec::new();
         while let Ok(first) = self.rx.recv() {
-            let mut bytes = first.data.len();
             batch.push(first);
-            while batch.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
-                match self.rx.try_recv() {
-                    Ok(r) => {
-                        bytes += r.data.len();
-                        batch.push(r);
-                    }
-                    Err(_) => break,
-                }
+            self.fill(&mut batch);
+            self.commit(&mut batch);
+        }
+    }
+
+    /// Commits whatever is queued, without waiting for more (`inline_commit`).
+    fn drain(&mut self) {
+        let mut batch: Vec<Request<D>> = Vec::new();
+        loop {
+            self.fill(&mut batch);
+            if batch.is_empty() {
+                return;
             }
             self.commit(&mut batch);
+        }
+    }
+
+    /// Adds queued requests to `batch` up to the group-commit limits.
+    fn fill(&mut self, batch: &mut Vec<Request<D>>) {
+        let mut bytes: usize = batch.iter().map(|r| r.data.len()).sum();
+        while batch.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
+            match self.rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.data.len();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
         }
     }
 

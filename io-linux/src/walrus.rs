@@ -42,6 +42,7 @@ pub struct WalrusBuilder {
     backend: Backend,
     segment_bytes: u64,
     reclaim_consumed: bool,
+    inline_commit: bool,
 }
 
 impl Default for WalrusBuilder {
@@ -54,6 +55,7 @@ impl Default for WalrusBuilder {
             backend: Backend::IoUring,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             reclaim_consumed: true,
+            inline_commit: false,
         }
     }
 }
@@ -97,6 +99,14 @@ impl WalrusBuilder {
         self.reclaim_consumed = yes;
         self
     }
+    /// Under `SyncEach`, run each group commit on the appending thread instead of a background
+    /// thread (default false). Concurrent appenders still share commits. Meant for
+    /// deterministic simulation, where no thread may be spawned; the schedule
+    /// `Milliseconds` still starts its sync thread.
+    pub fn inline_commit(mut self, yes: bool) -> Self {
+        self.inline_commit = yes;
+        self
+    }
 
     /// Opens the engine on real files.
     pub fn build(self) -> io::Result<Walrus<LinuxDisk>> {
@@ -126,6 +136,7 @@ impl WalrusBuilder {
             fsync: self.fsync,
             segment_bytes: self.segment_bytes,
             reclaim_consumed: self.reclaim_consumed,
+            inline_commit: self.inline_commit,
         };
         let (engine, worker) = Engine::open(disk, cfg)?;
         let engine = Arc::new(engine);

@@ -7,5 +7,20 @@ pub mod meta;
 pub mod network;
 pub mod node;
 pub mod rpc;
+#[cfg(madsim)]
+pub mod runtime;
 pub mod server;
+#[cfg(madsim)]
+pub mod sim;
 pub mod start;
+
+/// The disk every store of a node runs on: real files, or the seeded fault-injecting disk of
+/// the simulation (`--cfg madsim`), where one process hosts every node.
+#[cfg(not(madsim))]
+pub type NodeDisk = walrus::LinuxDisk;
+/// The disk every store of a node runs on (simulated under `--cfg madsim`).
+#[cfg(madsim)]
+pub type NodeDisk = walrus_io_sim::SimDisk;
+
+/// Whether `SyncEach` group commits run on the appending task (the simulation spawns no threads).
+pub(crate) const INLINE_COMMIT: bool = cfg!(madsim);

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
 use walrus::{FsyncSchedule, ReadConsistency, Walrus};
+
+use crate::NodeDisk;
 use walrus_core::cluster::cursor::{next_shared_read, ReadPlan};
 use walrus_core::cluster::lease::{may_append, Lease, LeaseConfig, LeaseTable};
 use walrus_core::cluster::metadata::{Command, Outcome, SegmentMeta, TopicMeta};
@@ -72,7 +74,7 @@ pub struct Node {
     cfg: NodeConfig,
     raft: Raft,
     sm: StateMachine,
-    data: Arc<Walrus>,
+    data: Arc<Walrus<NodeDisk>>,
     peers: Peers,
     /// Per segment led here: the gate appends pass (shared) and a seal closes (exclusive).
     gates: Mutex<HashMap<SegmentId, Arc<RwLock<bool>>>>,
@@ -90,7 +92,12 @@ pub type Failure = String;
 
 impl Node {
     /// Wires a node around a started Raft and its state machine.
-    pub fn new(cfg: NodeConfig, raft: Raft, sm: StateMachine) -> std::io::Result<Node> {
+    pub fn new(
+        cfg: NodeConfig,
+        raft: Raft,
+        sm: StateMachine,
+        disk: Arc<NodeDisk>,
+    ) -> std::io::Result<Node> {
         let data = Walrus::builder()
             .data_dir(cfg.data_dir.join("segments"))
             .fsync_schedule(FsyncSchedule::SyncEach)
@@ -98,7 +105,8 @@ impl Node {
                 persist_every: 1 << 30,
             })
             .reclaim_consumed(false)
-            .build()?;
+            .inline_commit(crate::INLINE_COMMIT)
+            .build_on(disk)?;
         Ok(Node {
             cfg,
             raft,
@@ -122,6 +130,16 @@ impl Node {
     /// This node's config.
     pub fn config(&self) -> &NodeConfig {
         &self.cfg
+    }
+
+    /// The applied metadata.
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    /// Entries of `segment` of `topic` stored on this node.
+    pub fn local_entry_count(&self, topic: &str, segment: SegmentId) -> u64 {
+        self.data.entry_count(&segment_key(topic, segment))
     }
 
     fn me(&self) -> NodeId {
@@ -371,15 +389,29 @@ impl Node {
                 return Ok(None);
             }
             let append = || self.data.batch_append(&key, payloads);
-            if self.cfg.durable_acks {
+            #[cfg(not(madsim))]
+            let appended = if self.cfg.durable_acks {
                 // The append blocks for its fsync (group commit): keep this runtime worker's
                 // other tasks moving meanwhile.
                 tokio::task::block_in_place(append)
             } else {
                 // A page-cache write: cheaper than handing the worker's tasks off.
                 append()
-            }
-            .map_err(|e| format!("append failed: {e}"))?
+            };
+            // The simulated disk never blocks, and the simulator has one thread.
+            #[cfg(madsim)]
+            let appended = append();
+            let position = appended.map_err(|e| format!("append failed: {e}"))?;
+            #[cfg(madsim)]
+            crate::sim::record_append(crate::sim::Append {
+                node: self.me().0,
+                topic: topic.to_string(),
+                segment: seg.id.0,
+                epoch: seg.epoch.0,
+                first: seg.base_offset + position,
+                count: payloads.len() as u64,
+            });
+            position
         };
         if position + payloads.len() as u64 >= self.cfg.max_segment_entries {
             // Close the gate now so the count stays exact; the rollover loop proposes the seal
@@ -418,8 +450,16 @@ impl Node {
     // ------------------------------------------------------------------ GET
 
     /// Hands out the next entry at the topic's shared cursor (`None`: nothing to read).
+    ///
+    /// At-least-once: the entry is read first, then claimed by a cursor compare-and-set. Once
+    /// the claim is sent, only a definite refusal (the cursor moved) makes this GET try again;
+    /// if the claim's outcome is unknown (timeout, lost leader) the entry is handed out anyway,
+    /// since the claim may have committed. So an `ERR` reply never hides a consumed entry; at
+    /// worst an entry is delivered twice.
     pub async fn get(&self, topic: &str) -> Result<Option<Vec<u8>>, Failure> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        // Finish before the server's request timeout, which would drop this future mid-claim.
+        let deadline = Instant::now() + self.cfg.request_timeout * 9 / 10;
         let mut asked_report = false;
         for _ in 0..GET_ATTEMPTS_MAX {
             // Plan inside the read lock: a GET must not clone the topic's whole chain.
@@ -446,13 +486,31 @@ impl Node {
                 return Ok(None);
             };
             // Read first, then claim: an entry is never skipped because its holder failed.
-            let mut entries = self.read_plan(topic, &plan).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut entries = tokio::time::timeout(remaining, self.read_plan(topic, &plan))
+                .await
+                .map_err(|_| "timed out reading the entry".to_string())??;
             if entries.is_empty() {
                 return Err("segment holder returned nothing".into());
             }
-            match self.propose(cmd).await {
-                Ok(Outcome::CursorAdvanced { .. }) => return Ok(Some(entries.swap_remove(0))),
-                Ok(_) | Err(_) => self.wait_change(Duration::from_millis(100)).await,
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err("timed out before claiming the entry".into());
+            }
+            match tokio::time::timeout(remaining, self.propose_raw(cmd)).await {
+                Ok(Ok(MetaResponse {
+                    result: Some(Ok(Outcome::CursorAdvanced { .. })),
+                })) => return Ok(Some(entries.swap_remove(0))),
+                // Applied, but refused (another GET claimed this entry): try the next one.
+                Ok(Ok(_)) => self.wait_change(Duration::from_millis(100)).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(topic, error = %e, "cursor claim outcome unknown; delivering (at-least-once)");
+                    return Ok(Some(entries.swap_remove(0)));
+                }
+                Err(_) => {
+                    tracing::debug!(topic, "cursor claim timed out; delivering (at-least-once)");
+                    return Ok(Some(entries.swap_remove(0)));
+                }
             }
         }
         Err("cursor contended; retry".into())

@@ -131,7 +131,9 @@ pub async fn write_msg<T: Serialize>(stream: &mut TcpStream, msg: &T) -> io::Res
     let mut frame = Vec::with_capacity(body.len() + 4);
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
-    stream.write_all(&frame).await
+    stream.write_all(&frame).await?;
+    // A no-op on a kernel socket; the simulator's streams send on flush.
+    stream.flush().await
 }
 
 /// Reads one frame and decodes it; `Ok(None)` on a clean end of stream.
@@ -182,33 +184,41 @@ impl RpcClient {
 
     /// Sends `req` and waits at most `timeout` for the answer. Errors of kind
     /// `ConnectionRefused` mean the peer is down.
+    ///
+    /// Cancel-safe: the stream is taken out of the client for the call and put back only after a
+    /// whole answer was read, so a call dropped midway (its caller timed out) never leaves a
+    /// stale answer for the next call to read.
     pub async fn call(&self, req: &RpcRequest, timeout: Duration) -> io::Result<RpcResponse> {
         let mut guard = self.conn.lock().await;
+        let idle = guard.take();
         let result = tokio::time::timeout(timeout, async {
-            if guard.is_none() {
-                let s = TcpStream::connect(&self.addr).await?;
-                s.set_nodelay(true)?;
-                *guard = Some(s);
-            }
-            let stream = guard.as_mut().expect("connected just above");
-            write_msg(stream, req).await?;
-            read_msg(stream).await?.ok_or_else(|| {
+            let mut stream = match idle {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect(&self.addr).await?;
+                    s.set_nodelay(true)?;
+                    s
+                }
+            };
+            write_msg(&mut stream, req).await?;
+            let answer = read_msg(&mut stream).await?.ok_or_else(|| {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the connection")
-            })
+            })?;
+            Ok((stream, answer))
         })
         .await;
-        let result = match result {
-            Ok(r) => r,
+        match result {
+            Ok(Ok((stream, answer))) => {
+                *guard = Some(stream);
+                Ok(answer)
+            }
+            // The stream (dropped here) may hold half a message: never reuse it.
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("rpc to {} timed out", self.addr),
             )),
-        };
-        if result.is_err() {
-            // The stream may hold half a message: never reuse it.
-            *guard = None;
         }
-        result
     }
 }
 

@@ -81,10 +81,13 @@ async fn client_connection(
             // The stream can no longer be trusted as frames: say why and hang up.
             put_frame(&mut out, &encode_reply(&Reply::Err(reason)));
             stream.write_all(&out).await?;
+            stream.flush().await?;
             return Ok(());
         }
         if !out.is_empty() {
             stream.write_all(&out).await?;
+            // A no-op on a kernel socket; the simulator's streams send on flush.
+            stream.flush().await?;
         }
         buf.drain(..used);
         if bodies_were_capped(used, &buf) {

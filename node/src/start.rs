@@ -14,6 +14,8 @@ use crate::meta::{LogStore, Raft, StateMachine};
 use crate::network::NetworkFactory;
 use crate::node::{Node, NodeConfig};
 use crate::server::{serve_clients, serve_rpc};
+use crate::NodeDisk;
+use walrus::{Disk, DiskFile};
 
 /// Command-line flags (as upstream walrus documents them).
 #[derive(Parser, Debug, Clone)]
@@ -62,11 +64,21 @@ pub struct Args {
     pub max_frame_bytes: usize,
 }
 
-/// Runs a node until the process is stopped.
+/// Runs a node on real files until the process is stopped.
+#[cfg(not(madsim))]
 pub async fn run(args: Args) -> Result<(), String> {
-    std::fs::create_dir_all(&args.data_dir)
+    run_on(
+        Arc::new(walrus::LinuxDisk::new(walrus::Backend::IoUring)),
+        args,
+    )
+    .await
+}
+
+/// Runs a node whose stores all live on `disk` (the simulation gives each node its own).
+pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
+    disk.create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
-    check_node_id(&args)?;
+    check_node_id(&*disk, &args)?;
     let raft_advertise = format!(
         "{}:{}",
         args.raft_advertise_host
@@ -92,8 +104,11 @@ pub async fn run(args: Args) -> Result<(), String> {
             )
         })?;
 
-    let log = LogStore::open(&args.data_dir.join("raft"))
-        .map_err(|e| format!("cannot open the raft log: {e}"))?;
+    #[cfg(not(madsim))]
+    let log = LogStore::open(&args.data_dir.join("raft"));
+    #[cfg(madsim)]
+    let log = LogStore::open_on(disk.clone(), &args.data_dir.join("raft"));
+    let log = log.map_err(|e| format!("cannot open the raft log: {e}"))?;
     let sm = StateMachine::new(1);
     let config = Config {
         cluster_name: "walrus".into(),
@@ -126,8 +141,11 @@ pub async fn run(args: Args) -> Result<(), String> {
         durable_acks: args.durability == "leader-fsync",
     };
     let node = Arc::new(
-        Node::new(cfg, raft.clone(), sm).map_err(|e| format!("cannot open segment store: {e}"))?,
+        Node::new(cfg, raft.clone(), sm, disk)
+            .map_err(|e| format!("cannot open segment store: {e}"))?,
     );
+    #[cfg(madsim)]
+    crate::sim::register(&node);
     tokio::spawn(serve_rpc(node.clone(), rpc_listener));
 
     match &args.join {
@@ -200,22 +218,40 @@ async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Re
 }
 
 /// The node id is stored next to the data: a data directory never changes hands silently.
-fn check_node_id(args: &Args) -> Result<(), String> {
+fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<(), String> {
+    const ID_FILE_MAX_BYTES: u64 = 64;
     let path = args.data_dir.join("node-id");
-    match std::fs::read_to_string(&path) {
-        Ok(s) => match s.trim().parse::<u64>() {
-            Ok(id) if id == args.node_id => Ok(()),
-            Ok(id) => Err(format!(
-                "{} belongs to node {id}, not {}",
-                args.data_dir.display(),
-                args.node_id
-            )),
-            Err(_) => Err(format!("{} is not a node id file", path.display())),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::write(&path, format!("{}\n", args.node_id))
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))
-        }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    let file = disk
+        .open(&path, true)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let len = file
+        .len()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if len == 0 {
+        // New (or created but never written before a crash): claim it, durably.
+        let text = format!("{}\n", args.node_id);
+        return file
+            .write_all_at(text.as_bytes(), 0)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| disk.sync_dir(&args.data_dir))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()));
+    }
+    if len > ID_FILE_MAX_BYTES {
+        return Err(format!("{} is not a node id file", path.display()));
+    }
+    let bytes = file
+        .read_all()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    {
+        Some(id) if id == args.node_id => Ok(()),
+        Some(id) => Err(format!(
+            "{} belongs to node {id}, not {}",
+            args.data_dir.display(),
+            args.node_id
+        )),
+        None => Err(format!("{} is not a node id file", path.display())),
     }
 }

@@ -7,6 +7,8 @@
 //! Replay a seed with `SIM_SEED=<n> cargo test -p sim-tests -- --nocapture`.
 
 pub mod checkers;
+#[cfg(madsim)]
+pub mod cluster;
 pub mod config;
 pub mod rng;
 pub mod world;

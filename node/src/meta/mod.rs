@@ -30,6 +30,11 @@ pub struct MetaResponse {
     pub result: Option<Result<Outcome, String>>,
 }
 
+#[cfg(not(madsim))]
+type Runtime = openraft::TokioRuntime;
+#[cfg(madsim)]
+type Runtime = crate::runtime::MadsimRuntime;
+
 openraft::declare_raft_types!(
     /// The openraft type configuration of the metadata group.
     pub TypeConfig:
@@ -39,7 +44,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = Runtime,
 );
 
 /// The Raft instance of the metadata group.

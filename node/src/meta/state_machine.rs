@@ -90,6 +90,12 @@ impl StateMachine {
         self.read_state().last_applied
     }
 
+    /// Reads the metadata together with the index of the last entry applied to it.
+    pub fn read_applied<R>(&self, f: impl FnOnce(Option<u64>, &Metadata) -> R) -> R {
+        let st = self.read_state();
+        f(st.last_applied.map(|l| l.index), &st.metadata)
+    }
+
     /// A receiver of the last applied index, sent after every apply (and snapshot install), so
     /// callers can wait for changes. The value is 0 before anything is applied; use
     /// [`StateMachine::last_applied`] for the exact id.

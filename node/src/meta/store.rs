@@ -22,7 +22,9 @@ use bincode::Options;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
-use walrus::{FsyncSchedule, ReadConsistency, Walrus};
+use walrus::{Disk, FsyncSchedule, ReadConsistency, Walrus};
+
+use crate::NodeDisk;
 
 use super::{codec, TypeConfig, RECORD_LEN_MAX_BYTES};
 
@@ -74,7 +76,7 @@ pub struct LogStore {
 impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LogStore")
-            .field("dir", &self.shared.guard.0)
+            .field("dir", &self.shared.guard.as_ref().map(|g| &g.0))
             .finish_non_exhaustive()
     }
 }
@@ -83,11 +85,11 @@ impl Debug for LogStore {
 struct Shared {
     /// The engine; its mutex serializes writers (held across the disk write, on a blocking
     /// thread only).
-    wal: Mutex<Walrus>,
+    wal: Mutex<Walrus<NodeDisk>>,
     /// The replay of everything durable.
     mem: Mutex<Mem>,
-    /// Releases the directory on drop.
-    guard: DirGuard,
+    /// Releases the directory on drop (none on a simulated disk, private to its node).
+    guard: Option<DirGuard>,
 }
 
 #[derive(Default)]
@@ -102,6 +104,7 @@ struct Mem {
 struct DirGuard(PathBuf);
 
 impl DirGuard {
+    #[cfg_attr(madsim, allow(dead_code))]
     fn acquire(dir: PathBuf) -> io::Result<DirGuard> {
         let mut open = OPEN_DIRS.lock().unwrap_or_else(|p| p.into_inner());
         if !open.get_or_insert_with(HashSet::new).insert(dir.clone()) {
@@ -147,7 +150,7 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> io::Resul
 }
 
 /// Every record of `topic`, in order.
-fn read_all(wal: &Walrus, topic: &str) -> io::Result<Vec<Vec<u8>>> {
+fn read_all(wal: &Walrus<NodeDisk>, topic: &str) -> io::Result<Vec<Vec<u8>>> {
     let end = wal.entry_count(topic);
     let mut out = Vec::new();
     let mut at = wal.first_offset(topic);
@@ -173,7 +176,7 @@ fn read_all(wal: &Walrus, topic: &str) -> io::Result<Vec<Vec<u8>>> {
 }
 
 /// The last record of `topic`, if any.
-fn read_last(wal: &Walrus, topic: &str) -> io::Result<Option<Vec<u8>>> {
+fn read_last(wal: &Walrus<NodeDisk>, topic: &str) -> io::Result<Option<Vec<u8>>> {
     let end = wal.entry_count(topic);
     if end == 0 {
         return Ok(None);
@@ -226,7 +229,7 @@ impl Shared {
             .map_err(|_| io::Error::other("raft log store state poisoned by a panic"))
     }
 
-    fn wal(&self) -> io::Result<MutexGuard<'_, Walrus>> {
+    fn wal(&self) -> io::Result<MutexGuard<'_, Walrus<NodeDisk>>> {
         self.wal
             .lock()
             .map_err(|_| io::Error::other("raft log store engine poisoned by a panic"))
@@ -297,16 +300,29 @@ impl LogStore {
     /// Opens (creating if needed) the store in `dir` and replays it. Fails with
     /// `AlreadyExists` if the directory is open in this process already, and with
     /// `InvalidData` if a record is corrupt.
+    #[cfg(not(madsim))]
     pub fn open(dir: &Path) -> io::Result<LogStore> {
         std::fs::create_dir_all(dir)?;
         let guard = DirGuard::acquire(dir.canonicalize()?)?;
+        let disk = Arc::new(walrus::LinuxDisk::new(walrus::Backend::IoUring));
+        Self::open_with(disk, dir, Some(guard))
+    }
+
+    /// Opens the store in `dir` of a disk private to this node (the simulation's).
+    pub fn open_on(disk: Arc<NodeDisk>, dir: &Path) -> io::Result<LogStore> {
+        Self::open_with(disk, dir, None)
+    }
+
+    fn open_with(disk: Arc<NodeDisk>, dir: &Path, guard: Option<DirGuard>) -> io::Result<LogStore> {
+        disk.create_dir_all(dir)?;
         let wal = Walrus::builder()
             .data_dir(dir)
             .key(WAL_KEY)
             .fsync_schedule(FsyncSchedule::SyncEach)
             .consistency(ReadConsistency::StrictlyAtOnce)
             .reclaim_consumed(false)
-            .build()?;
+            .inline_commit(crate::INLINE_COMMIT)
+            .build_on(disk)?;
 
         let mut mem = Mem::default();
         for bytes in read_all(&wal, TOPIC_LOG)? {
@@ -345,6 +361,8 @@ impl LogStore {
         F: FnOnce(&Shared) -> io::Result<T> + Send + 'static,
     {
         let shared = self.shared.clone();
+        // Under the simulator this runs as an ordinary task (no threads there).
+        #[cfg_attr(madsim, allow(deprecated))]
         tokio::task::spawn_blocking(move || f(&shared))
             .await
             .map_err(io::Error::other)?

@@ -1,0 +1,250 @@
+//! Tier B checkers. Every 100 simulated ms each running node is sampled (its Raft metrics, its
+//! applied metadata, its local segment data) and every local append since the last sample is
+//! inspected. Each property is named after the spec invariant it mirrors (`spec/`,
+//! `DistributedWalrus.tla`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use madsim::time::{sleep, Instant};
+use walrus_core::cluster::SegmentId;
+
+use super::{World, SAMPLE_EVERY};
+
+/// A broken property.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The property (named after the spec invariant).
+    pub checker: &'static str,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// What the samples of one run have established so far.
+#[derive(Default)]
+pub struct Samples {
+    /// Raft term -> the node seen leading it.
+    leaders: BTreeMap<u64, u64>,
+    /// Applied index -> (hash of the metadata at it, the node it was first seen on).
+    metadata_at: BTreeMap<u64, (u32, u64)>,
+    /// (topic, segment) -> (base offset, entries) once seen sealed.
+    sealed: BTreeMap<(String, u64), (u64, u64)>,
+    /// (topic, segment) -> the node that appended to it.
+    writer: BTreeMap<(String, u64), u64>,
+    /// topic -> first offset -> (entries, node) of every successful local append.
+    appended: BTreeMap<String, BTreeMap<u64, (u64, u64)>>,
+}
+
+/// Samples every running node until aborted.
+pub async fn sample_loop(world: Arc<World>) {
+    loop {
+        sleep(SAMPLE_EVERY).await;
+        if let Err(v) = sample(&world) {
+            world.fail(v.checker, v.detail);
+        }
+    }
+}
+
+fn running(world: &World) -> Vec<(u64, Arc<walrus_node::node::Node>)> {
+    let down = world.down.lock().unwrap().clone();
+    (0..world.cfg.nodes)
+        .filter(|i| !down.contains(i))
+        .filter_map(|i| walrus_node::sim::node(i as u64 + 1).map(|n| (i as u64 + 1, n)))
+        .collect()
+}
+
+fn violation(checker: &'static str, detail: String) -> Result<(), Violation> {
+    Err(Violation { checker, detail })
+}
+
+fn sample(world: &World) -> Result<(), Violation> {
+    let mut s = world.samples.lock().unwrap();
+    check_appends(&mut s, walrus_node::sim::take_appends())?;
+    for (id, node) in running(world) {
+        let m = node.raft().metrics().borrow().clone();
+        if m.state.is_leader() {
+            if let Some(&other) = s.leaders.get(&m.current_term) {
+                if other != id {
+                    return violation(
+                        "Raft election safety (one leader per term)",
+                        format!("nodes {other} and {id} both led term {}", m.current_term),
+                    );
+                }
+            }
+            s.leaders.insert(m.current_term, id);
+        }
+        let seen = node.state_machine().read_applied(|idx, md| {
+            let sealed: Vec<(String, u64, u64, u64, Option<u64>)> = md
+                .topics()
+                .iter()
+                .flat_map(|(name, t)| {
+                    t.segments.iter().filter_map(move |seg| {
+                        seg.sealed_entries().map(|n| {
+                            (
+                                name.clone(),
+                                seg.id.0,
+                                seg.base_offset,
+                                n,
+                                seg.leader().map(|l| l.0),
+                            )
+                        })
+                    })
+                })
+                .collect();
+            let cursors: Vec<(String, u64, u64)> = md
+                .topics()
+                .iter()
+                .map(|(name, t)| (name.clone(), t.cursor, t.readable_end()))
+                .collect();
+            (
+                idx,
+                crc32c::crc32c(&md.encode_snapshot()),
+                md.check_invariants(),
+                sealed,
+                cursors,
+            )
+        });
+        let (idx, hash, invariants, sealed, cursors) = seen;
+        if let Err(e) = invariants {
+            return violation(
+                "metadata invariants (segments chain gaplessly, one open segment per topic)",
+                format!("node {id} at applied index {idx:?}: {e}"),
+            );
+        }
+        if let Some(idx) = idx {
+            match s.metadata_at.get(&idx) {
+                Some(&(h, first)) if h != hash => {
+                    return violation(
+                        "metadata identical on all nodes at the same applied index",
+                        format!("index {idx}: node {first} has {h:08x}, node {id} has {hash:08x}"),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    s.metadata_at.insert(idx, (hash, id));
+                }
+            }
+        }
+        for (topic, cursor, end) in cursors {
+            if cursor > end {
+                return violation(
+                    "cursors within bounds",
+                    format!("node {id}: {topic} cursor {cursor} past its readable end {end}"),
+                );
+            }
+        }
+        for (topic, seg, base, entries, leader) in sealed {
+            let key = (topic.clone(), seg);
+            match s.sealed.get(&key) {
+                Some(&was) if was != (base, entries) => {
+                    return violation(
+                        "sealed segments never change",
+                        format!(
+                            "{topic} segment {seg} sealed as (base {}, {} entries), node {id} \
+                             now says (base {base}, {entries} entries)",
+                            was.0, was.1
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    s.sealed.insert(key, (base, entries));
+                }
+            }
+            if leader == Some(id) {
+                let local = node.local_entry_count(&topic, SegmentId(seg));
+                if local != entries {
+                    return violation(
+                        "sealed segments never change",
+                        format!(
+                            "{topic} segment {seg} is sealed at {entries} entries but its \
+                             leader, node {id}, stores {local}"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// At most one node appends to a segment, and no successful (durable) append is ever
+/// overwritten by a later one at the same offsets.
+fn check_appends(s: &mut Samples, appends: Vec<walrus_node::sim::Append>) -> Result<(), Violation> {
+    for a in appends {
+        let key = (a.topic.clone(), a.segment);
+        match s.writer.get(&key) {
+            Some(&w) if w != a.node => {
+                return violation(
+                    "at most one node accepting writes per segment",
+                    format!(
+                        "{} segment {}: appended on node {w} and on node {}",
+                        a.topic, a.segment, a.node
+                    ),
+                );
+            }
+            Some(_) => {}
+            None => {
+                s.writer.insert(key, a.node);
+            }
+        }
+        let ranges = s.appended.entry(a.topic.clone()).or_default();
+        let end = a.first + a.count;
+        let before = ranges.range(..end).next_back();
+        if let Some((&f, &(n, node))) = before {
+            if f + n > a.first {
+                return violation(
+                    "no acknowledged entry lost or changed",
+                    format!(
+                        "{}: offsets {}..{} were durably appended on node {node}, then \
+                         {}..{end} were appended again on node {} (the first write was lost)",
+                        a.topic,
+                        f,
+                        f + n,
+                        a.first,
+                        a.node
+                    ),
+                );
+            }
+        }
+        ranges.insert(a.first, (a.count, a.node));
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until every node runs, knows the same Raft leader, and has applied the same
+/// metadata.
+pub async fn converged(world: &World, bound: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + bound;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let nodes = running(world);
+        if nodes.len() == world.cfg.nodes {
+            let views: BTreeSet<(Option<u64>, Option<u64>, u32)> = nodes
+                .iter()
+                .map(|(_, n)| {
+                    let leader = n.raft().metrics().borrow().current_leader;
+                    n.state_machine().read_applied(|idx, md| {
+                        (leader, idx, crc32c::crc32c(&md.encode_snapshot()))
+                    })
+                })
+                .collect();
+            if views.len() == 1 && views.iter().all(|v| v.0.is_some()) {
+                return Ok(());
+            }
+            last = format!("views (leader, applied, hash): {views:?}");
+        } else {
+            last = format!("{} of {} nodes running", nodes.len(), world.cfg.nodes);
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("not converged within {bound:?}: {last}"))
+}
+
+/// (metadata leaders observed, segments seen sealed).
+pub fn final_counts(world: &World) -> (u64, u64) {
+    let s = world.samples.lock().unwrap();
+    let leaders: BTreeSet<(u64, u64)> = s.leaders.iter().map(|(t, n)| (*t, *n)).collect();
+    (leaders.len() as u64, s.sealed.len() as u64)
+}

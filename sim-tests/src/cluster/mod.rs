@@ -1,0 +1,526 @@
+//! Tier B: the real `walrus-node` (Raft metadata on openraft, the client and RPC servers, the
+//! background loops, the storage engine) running on the madsim simulator: simulated TCP,
+//! simulated time, one seeded random source, and one [`SimDisk`] per node. Built only with
+//! `RUSTFLAGS="--cfg madsim"` (see `make sim`).
+//!
+//! One seed decides the cluster, the workload and the fault mix ([`ClusterConfig`]). A run has a
+//! safety phase (clients produce and consume while faults fire), then a liveness phase (every
+//! fault healed; the cluster must serve new writes and agree on its metadata within a bounded
+//! simulated time), then a drain that reads every topic to its end. [`checkers`] hold the
+//! properties; the client oracle is in [`oracle`].
+
+pub mod checkers;
+pub mod client;
+pub mod config;
+pub mod oracle;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use madsim::net::NetSim;
+use madsim::runtime::{Handle, NodeHandle, Runtime};
+use madsim::time::{sleep, Instant};
+use walrus_io_sim::{SimDisk, SimFaults};
+use walrus_node::start::{run_on, Args};
+
+pub use checkers::Violation;
+pub use config::{ClusterConfig, ClusterFault, Planted};
+
+use crate::rng::Rng;
+use oracle::Oracle;
+
+/// Raft / RPC port of every node.
+const RAFT_PORT: u16 = 6000;
+/// Client port of every node.
+const CLIENT_PORT: u16 = 8080;
+/// Simulated time for the cluster to form before faults and clients start.
+const WARMUP: Duration = Duration::from_secs(5);
+/// Bound of each liveness step.
+pub(crate) const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+/// How often the checkers sample every node.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// What one Tier B run did.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterReport {
+    /// The seed.
+    pub seed: u64,
+    /// PUTs acknowledged `OK`.
+    pub acked: u64,
+    /// PUTs answered `ERR` or not answered in time.
+    pub put_failures: u64,
+    /// Entries handed out by GET (safety phase and drain).
+    pub delivered: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<ClusterFault, u64>,
+    /// Metadata leaders observed (the first one and every failover after it).
+    pub raft_leaders: u64,
+    /// Segments sealed (rollovers).
+    pub seals: u64,
+    /// Unsynced writes lost or torn by crashes, over all disks.
+    pub writes_lost: u64,
+    /// Fsyncs that failed, over all disks.
+    pub sync_errors: u64,
+    /// The first broken property, if any.
+    pub violation: Option<Violation>,
+    /// Hash of the full event trace (the determinism check compares it).
+    pub trace_hash: u64,
+    /// Simulated milliseconds the run took.
+    pub sim_ms: u64,
+}
+
+impl ClusterReport {
+    /// Faults of every kind.
+    pub fn total_faults(&self) -> u64 {
+        self.faults.values().sum()
+    }
+}
+
+/// The command that replays `seed`.
+pub fn replay_command(seed: u64) -> String {
+    format!("SIMB_SEED={seed} make sim")
+}
+
+/// Runs one seed to completion.
+pub fn run_cluster_seed(seed: u64, planted: Planted) -> ClusterReport {
+    let cfg = ClusterConfig::from_seed(seed, planted);
+    walrus_node::sim::reset();
+    let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
+    // A run that hangs past every bound is a bug of the driver: stop it loudly.
+    rt.set_time_limit(Duration::from_secs(cfg.safety_secs + 1_800));
+    let report = rt.block_on(drive(cfg));
+    walrus_node::sim::reset();
+    report
+}
+
+/// Everything the tasks of one run share.
+pub struct World {
+    pub cfg: ClusterConfig,
+    pub oracle: Mutex<Oracle>,
+    pub trace: Mutex<Trace>,
+    pub start: Instant,
+    pub stop_clients: AtomicBool,
+    pub violation: Mutex<Option<Violation>>,
+    /// Nodes (indexes) currently killed.
+    pub down: Mutex<BTreeSet<usize>>,
+    pub samples: Mutex<checkers::Samples>,
+}
+
+impl World {
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    pub fn fail(&self, checker: &'static str, detail: String) {
+        let mut v = self.violation.lock().unwrap();
+        if v.is_none() {
+            self.trace(format!("VIOLATION {checker}: {detail}"));
+            *v = Some(Violation { checker, detail });
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.violation.lock().unwrap().is_some()
+    }
+
+    pub fn trace(&self, event: String) {
+        let t = self.now_ms();
+        self.trace.lock().unwrap().push(t, &event);
+    }
+}
+
+/// A rolling hash of every event, in order.
+#[derive(Default)]
+pub struct Trace {
+    hasher: std::collections::hash_map::DefaultHasher,
+    events: u64,
+    verbose: bool,
+}
+
+impl Trace {
+    fn push(&mut self, t_ms: u64, event: &str) {
+        t_ms.hash(&mut self.hasher);
+        event.hash(&mut self.hasher);
+        self.events += 1;
+        if self.verbose {
+            println!("[{t_ms:>7} ms] {event}");
+        }
+    }
+}
+
+fn node_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8))
+}
+
+/// The client address of node `i`.
+pub(crate) fn client_addr(i: usize) -> SocketAddr {
+    SocketAddr::new(node_ip(i), CLIENT_PORT)
+}
+
+fn node_args(cfg: &ClusterConfig, i: usize) -> Args {
+    let ip = node_ip(i).to_string();
+    let mut argv = vec![
+        "walrus-node".to_string(),
+        format!("--node-id={}", i + 1),
+        "--data-dir=/data".into(),
+        format!("--raft-host={ip}"),
+        format!("--raft-port={RAFT_PORT}"),
+        format!("--client-host={ip}"),
+        format!("--client-port={CLIENT_PORT}"),
+        format!("--max-segment-entries={}", cfg.segment_entries),
+        "--monitor-check-ms=200".into(),
+        "--request-timeout-ms=3000".into(),
+    ];
+    if i > 0 {
+        argv.push(format!("--join={}:{RAFT_PORT}", node_ip(0)));
+    }
+    if cfg.planted == Planted::AckBeforeFsync {
+        argv.push("--durability=none".into());
+    }
+    Args::parse_from(argv)
+}
+
+async fn drive(cfg: ClusterConfig) -> ClusterReport {
+    let verbose = std::env::var_os("SIMB_SEED").is_some();
+    let world = Arc::new(World {
+        cfg: cfg.clone(),
+        oracle: Mutex::new(Oracle::default()),
+        trace: Mutex::new(Trace {
+            verbose,
+            ..Trace::default()
+        }),
+        start: Instant::now(),
+        stop_clients: AtomicBool::new(false),
+        violation: Mutex::new(None),
+        down: Mutex::new(BTreeSet::new()),
+        samples: Mutex::new(checkers::Samples::default()),
+    });
+    world.trace(format!("config {cfg}"));
+    let handle = Handle::current();
+    let disks: Vec<Arc<SimDisk>> = (0..cfg.nodes)
+        .map(|i| {
+            Arc::new(SimDisk::new(
+                cfg.seed.wrapping_mul(31).wrapping_add(i as u64),
+                SimFaults::default(),
+            ))
+        })
+        .collect();
+    let nodes: Vec<NodeHandle> = (0..cfg.nodes)
+        .map(|i| {
+            let disk = disks[i].clone();
+            let args = node_args(&cfg, i);
+            handle
+                .create_node()
+                .name(format!("node-{}", i + 1))
+                .ip(node_ip(i))
+                .init(move || {
+                    let disk = disk.clone();
+                    let args = args.clone();
+                    async move {
+                        // As a supervisor would: restart a node whose start failed (e.g. its
+                        // recovery hit a full disk), a bounded number of times.
+                        for _ in 0..200 {
+                            match run_on(disk.clone(), args.clone()).await {
+                                Ok(()) => return,
+                                Err(e) => tracing::info!(error = %e, "node start failed; retrying"),
+                            }
+                            sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                })
+                .build()
+        })
+        .collect();
+    let client_node = handle
+        .create_node()
+        .name("clients")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)))
+        .build();
+
+    let sampler = {
+        let world = world.clone();
+        madsim::task::spawn(async move { checkers::sample_loop(world).await })
+    };
+    sleep(WARMUP).await;
+
+    // Safety phase: clients and faults.
+    let mut clients = Vec::new();
+    for p in 0..cfg.producers {
+        let world = world.clone();
+        clients.push(client_node.spawn(async move { client::producer(world, p).await }));
+    }
+    for c in 0..cfg.consumers {
+        let world = world.clone();
+        clients.push(client_node.spawn(async move { client::consumer(world, c).await }));
+    }
+    let mut faults = Faults {
+        world: world.clone(),
+        handle: handle.clone(),
+        nodes: nodes.iter().map(NodeHandle::id).collect(),
+        disks: disks.clone(),
+        rng: Rng::new(cfg.seed ^ 0x6661_756c_7473), // "faults"
+        clogged_links: BTreeSet::new(),
+        isolated: BTreeSet::new(),
+        sick_disks: BTreeSet::new(),
+        counts: BTreeMap::new(),
+        pending_restarts: Vec::new(),
+    };
+    let safety_end = world.start.elapsed() + Duration::from_secs(cfg.safety_secs);
+    while world.start.elapsed() < safety_end && !world.failed() {
+        let every = cfg.fault_every_ms;
+        let wait = faults.rng.range(every / 2, every * 3 / 2);
+        sleep(Duration::from_millis(wait)).await;
+        faults.heal_due();
+        faults.inject();
+    }
+    world.stop_clients.store(true, Ordering::Release);
+    for c in clients {
+        let _ = c.await;
+    }
+
+    // Liveness phase: heal everything; the cluster must converge and serve again.
+    faults.heal_all();
+    world.trace("liveness phase: every fault healed".into());
+    if !world.failed() {
+        liveness(&world, &client_node).await;
+    }
+    // Drain: read every topic to its end, then judge what the clients saw.
+    if !world.failed() {
+        let w = world.clone();
+        let drained = client_node
+            .spawn(async move { client::drain(w).await })
+            .await
+            .unwrap_or_else(|e| Err(format!("drain task failed: {e}")));
+        if let Err(e) = drained {
+            world.fail("liveness: the cluster serves reads after healing", e);
+        }
+    }
+    if !world.failed() {
+        let verdict = world.oracle.lock().unwrap().judge();
+        if let Err(v) = verdict {
+            world.fail(v.checker, v.detail);
+        }
+    }
+    sampler.abort();
+    let (raft_leaders, seals) = checkers::final_counts(&world);
+
+    let mut report = ClusterReport {
+        seed: cfg.seed,
+        faults: faults.counts.clone(),
+        raft_leaders,
+        seals,
+        ..ClusterReport::default()
+    };
+    for d in &disks {
+        let s = d.stats();
+        report.writes_lost += s.writes_lost;
+        report.sync_errors += s.sync_errors;
+    }
+    {
+        let o = world.oracle.lock().unwrap();
+        report.acked = o.acked_count();
+        report.put_failures = o.put_failures;
+        report.delivered = o.delivered_count();
+    }
+    report.sim_ms = world.now_ms();
+    report.violation = world.violation.lock().unwrap().clone();
+    let mut t = world.trace.lock().unwrap();
+    report.acked.hash(&mut t.hasher);
+    report.trace_hash = t.hasher.finish();
+    drop(t);
+    // Stop every node so nothing of this seed outlives the runtime.
+    for n in &nodes {
+        handle.kill(n.id());
+    }
+    report
+}
+
+/// The liveness steps; each is bounded in simulated time.
+async fn liveness(world: &Arc<World>, client_node: &NodeHandle) {
+    let w = world.clone();
+    let res = client_node
+        .spawn(async move { client::liveness_writes(w).await })
+        .await
+        .unwrap_or_else(|e| Err(format!("liveness task failed: {e}")));
+    if let Err(e) = res {
+        world.fail("liveness: every topic accepts writes after healing", e);
+        return;
+    }
+    if let Err(e) = checkers::converged(world, LIVENESS_BOUND).await {
+        world.fail("liveness: metadata converges on every node", e);
+    }
+}
+
+/// The fault injector of one run and the faults it has yet to heal.
+struct Faults {
+    world: Arc<World>,
+    handle: Handle,
+    nodes: Vec<madsim::task::NodeId>,
+    disks: Vec<Arc<SimDisk>>,
+    rng: Rng,
+    clogged_links: BTreeSet<(usize, usize)>,
+    isolated: BTreeSet<usize>,
+    sick_disks: BTreeSet<usize>,
+    counts: BTreeMap<ClusterFault, u64>,
+    /// Killed nodes and when (simulated ms) they come back.
+    pending_restarts: Vec<(u64, usize)>,
+}
+
+impl Faults {
+    fn inject(&mut self) {
+        let cfg = &self.world.cfg;
+        let kind = cfg.faults[self.rng.below(cfg.faults.len())];
+        let n = cfg.nodes;
+        let net = NetSim::current();
+        let now = self.world.now_ms();
+        match kind {
+            ClusterFault::Kill => {
+                // Keep a majority up so that the run keeps making progress.
+                let down = self.world.down.lock().unwrap().clone();
+                if down.len() >= (n - 1) / 2 {
+                    return;
+                }
+                let up: Vec<usize> = (0..n).filter(|i| !down.contains(i)).collect();
+                let i = up[self.rng.below(up.len())];
+                // The disk loses power first, so the dying node cannot sync anything more.
+                self.disks[i].crash();
+                self.handle.kill(self.nodes[i]);
+                self.world.down.lock().unwrap().insert(i);
+                let back = now + self.rng.range(500, 5_000);
+                self.pending_restarts.push((back, i));
+                self.world.trace(format!("fault: kill node {}", i + 1));
+            }
+            ClusterFault::Partition | ClusterFault::AsymmetricPartition => {
+                let size = self.rng.range(1, (n - 1) as u64) as usize;
+                let mut side: Vec<usize> = (0..n).collect();
+                for k in 0..size {
+                    let j = k + self.rng.below(n - k);
+                    side.swap(k, j);
+                }
+                let a: BTreeSet<usize> = side[..size].iter().copied().collect();
+                let both = kind == ClusterFault::Partition;
+                for &x in &a {
+                    for y in (0..n).filter(|y| !a.contains(y)) {
+                        net.clog_link(self.nodes[x], self.nodes[y]);
+                        self.clogged_links.insert((x, y));
+                        if both {
+                            net.clog_link(self.nodes[y], self.nodes[x]);
+                            self.clogged_links.insert((y, x));
+                        }
+                    }
+                }
+                self.world.trace(format!(
+                    "fault: {} partition {:?} | rest",
+                    if both { "symmetric" } else { "one-way" },
+                    a.iter().map(|x| x + 1).collect::<Vec<_>>()
+                ));
+            }
+            ClusterFault::Isolate => {
+                let i = self.rng.below(n);
+                net.clog_node(self.nodes[i]);
+                self.isolated.insert(i);
+                self.world.trace(format!("fault: isolate node {}", i + 1));
+            }
+            ClusterFault::PacketLoss => {
+                let rate = self.rng.range(5, 30) as f64 / 100.0;
+                net.update_config(|c| c.packet_loss_rate = rate);
+                self.world.trace(format!("fault: packet loss {rate}"));
+            }
+            ClusterFault::SlowNetwork => {
+                let hi = self.rng.range(20, 300);
+                net.update_config(|c| {
+                    c.send_latency = Duration::from_millis(5)..Duration::from_millis(hi)
+                });
+                self.world
+                    .trace(format!("fault: network latency up to {hi} ms"));
+            }
+            ClusterFault::FsyncError => {
+                let i = self.rng.below(n);
+                let p = self.rng.range(5, 40) as f64 / 100.0;
+                self.disks[i].set_faults(SimFaults {
+                    sync_error: p,
+                    ..SimFaults::default()
+                });
+                self.sick_disks.insert(i);
+                self.world
+                    .trace(format!("fault: node {} fsyncs fail with p={p}", i + 1));
+            }
+            ClusterFault::DiskFull => {
+                let i = self.rng.below(n);
+                let room = self.rng.range(0, 256 << 10);
+                let cap = self.disks[i].used_bytes() + room;
+                self.disks[i].set_faults(SimFaults {
+                    capacity_bytes: Some(cap),
+                    ..SimFaults::default()
+                });
+                self.sick_disks.insert(i);
+                self.world
+                    .trace(format!("fault: node {} disk full at {cap} B", i + 1));
+            }
+        }
+        *self.counts.entry(kind).or_default() += 1;
+    }
+
+    /// Heals the network and disk faults that are older than a moment, and restarts the killed
+    /// nodes that are due.
+    fn heal_due(&mut self) {
+        let now = self.world.now_ms();
+        let due: Vec<usize> = self
+            .pending_restarts
+            .iter()
+            .filter(|(t, _)| *t <= now)
+            .map(|(_, i)| *i)
+            .collect();
+        self.pending_restarts.retain(|(t, _)| *t > now);
+        for i in due {
+            self.restart(i);
+        }
+        // Network and disk faults last one fault interval (or a few): heal each with p = 1/2.
+        if self.rng.range(0, 1) == 1 {
+            self.heal_network();
+        }
+        if self.rng.range(0, 1) == 1 {
+            self.heal_disks();
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.disks[i].restart();
+        self.handle.restart(self.nodes[i]);
+        self.world.down.lock().unwrap().remove(&i);
+        self.world.trace(format!("restart node {}", i + 1));
+    }
+
+    fn heal_network(&mut self) {
+        let net = NetSim::current();
+        for (x, y) in std::mem::take(&mut self.clogged_links) {
+            net.unclog_link(self.nodes[x], self.nodes[y]);
+        }
+        for i in std::mem::take(&mut self.isolated) {
+            net.unclog_node(self.nodes[i]);
+        }
+        let normal = madsim::net::Config::default();
+        net.update_config(|c| *c = normal);
+        self.world.trace("heal network".into());
+    }
+
+    fn heal_disks(&mut self) {
+        for i in std::mem::take(&mut self.sick_disks) {
+            self.disks[i].set_faults(SimFaults::default());
+        }
+        self.world.trace("heal disks".into());
+    }
+
+    fn heal_all(&mut self) {
+        self.heal_network();
+        self.heal_disks();
+        for (_, i) in std::mem::take(&mut self.pending_restarts) {
+            self.restart(i);
+        }
+    }
+}

@@ -181,8 +181,27 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     tokio::spawn(node.clone().probe_loop());
     tokio::spawn(node.clone().lease_loop());
     tracing::info!(node_id = args.node_id, client = %client_advertise, raft = %raft_advertise, "walrus node serving");
-    serve_clients(node, client_listener, args.max_frame_bytes).await;
-    Ok(())
+    // A Raft that stopped on a fatal error (its log could not be written: a failed fsync)
+    // never comes back in this process. Exit, so that the supervisor restarts the node and
+    // recovery rebuilds its state from what is durable, rather than serve as a zombie.
+    let mut metrics = raft.metrics();
+    let fatal = async move {
+        loop {
+            if let Err(f) = &metrics.borrow().running_state {
+                return f.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft shut down".to_string();
+            }
+        }
+    };
+    tokio::select! {
+        () = serve_clients(node, client_listener, args.max_frame_bytes) => Ok(()),
+        reason = fatal => {
+            tracing::error!(%reason, "the metadata raft stopped; exiting");
+            Err(format!("the metadata raft stopped: {reason}"))
+        }
+    }
 }
 
 async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Result<(), String> {

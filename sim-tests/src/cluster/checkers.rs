@@ -60,7 +60,14 @@ fn violation(checker: &'static str, detail: String) -> Result<(), Violation> {
 
 fn sample(world: &World) -> Result<(), Violation> {
     let mut s = world.samples.lock().unwrap();
-    check_appends(&mut s, walrus_node::sim::take_appends())?;
+    let appends = walrus_node::sim::take_appends();
+    for a in &appends {
+        world.trace(format!(
+            "append node {} {} seg {} epoch {} @{}+{}",
+            a.node, a.topic, a.segment, a.epoch, a.first, a.count
+        ));
+    }
+    check_appends(&mut s, appends)?;
     for (id, node) in running(world) {
         let m = node.raft().metrics().borrow().clone();
         if m.state.is_leader() {
@@ -155,6 +162,14 @@ fn sample(world: &World) -> Result<(), Violation> {
             if leader == Some(id) {
                 let local = node.local_entry_count(&topic, SegmentId(seg));
                 if local != entries {
+                    let from = entries.min(local).saturating_sub(1);
+                    let around: Vec<String> = node
+                        .read_local(&topic, seg, from, 3)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|p| String::from_utf8_lossy(&p[..p.len().min(12)]).into_owned())
+                        .collect();
+                    world.trace(format!("entries from position {from}: {around:?}"));
                     return violation(
                         "sealed segments never change",
                         format!(

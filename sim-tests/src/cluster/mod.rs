@@ -42,6 +42,8 @@ const CLIENT_PORT: u16 = 8080;
 const WARMUP: Duration = Duration::from_secs(5);
 /// Bound of each liveness step.
 pub(crate) const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+/// The panic message of a simulated node process that exited (the simulator restarts it).
+const NODE_EXITED: &str = "walrus-node exited";
 /// How often the checkers sample every node.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
@@ -86,9 +88,27 @@ pub fn replay_command(seed: u64) -> String {
     format!("SIMB_SEED={seed} make sim")
 }
 
-/// Runs one seed to completion.
+/// Runs one seed to completion, on a fresh thread: the std hash maps of a thread take their
+/// keys once, from the first random source they meet, so only a thread whose first hash map is
+/// made inside the simulator replays exactly (the simulator's `getrandom` is seeded).
 pub fn run_cluster_seed(seed: u64, planted: Planted) -> ClusterReport {
+    std::thread::Builder::new()
+        .name(format!("sim-seed-{seed}"))
+        .stack_size(64 << 20)
+        .spawn(move || run_on_this_thread(seed, planted))
+        .expect("cannot spawn a simulation thread")
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+fn run_on_this_thread(seed: u64, planted: Planted) -> ClusterReport {
     let cfg = ClusterConfig::from_seed(seed, planted);
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Node logs (with simulated time and node names) when replaying a seed.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     walrus_node::sim::reset();
     let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
     // A run that hangs past every bound is a bug of the driver: stop it loudly.
@@ -218,19 +238,16 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
                 .create_node()
                 .name(format!("node-{}", i + 1))
                 .ip(node_ip(i))
+                // A node that exits (`run_on` returned) is restarted like a supervisor would,
+                // with its disk as it is (a process exit is not a power failure).
+                .restart_on_panic_matching(NODE_EXITED)
                 .init(move || {
                     let disk = disk.clone();
                     let args = args.clone();
                     async move {
-                        // As a supervisor would: restart a node whose start failed (e.g. its
-                        // recovery hit a full disk), a bounded number of times.
-                        for _ in 0..200 {
-                            match run_on(disk.clone(), args.clone()).await {
-                                Ok(()) => return,
-                                Err(e) => tracing::info!(error = %e, "node start failed; retrying"),
-                            }
-                            sleep(Duration::from_secs(1)).await;
-                        }
+                        let res = run_on(disk, args).await;
+                        sleep(Duration::from_secs(1)).await;
+                        panic!("{NODE_EXITED}: {res:?}");
                     }
                 })
                 .build()

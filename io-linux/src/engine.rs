@@ -1004,13 +1004,17 @@ impl<D: Disk> Engine<D> {
             .cloned()
     }
 
+    /// Every topic, in name order (so that syncs and checkpoints run in a reproducible order).
     fn all_topics(&self) -> Vec<Arc<Topic<D>>> {
-        self.topics
+        let mut all: Vec<(String, Arc<Topic<D>>)> = self
+            .topics
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.into_iter().map(|(_, t)| t).collect()
     }
 
     fn topic_or_create(&self, name: &str) -> io::Result<Arc<Topic<D>>> {

@@ -100,7 +100,12 @@ impl Node {
     ) -> std::io::Result<Node> {
         let data = Walrus::builder()
             .data_dir(cfg.data_dir.join("segments"))
-            .fsync_schedule(FsyncSchedule::SyncEach)
+            // `none` acknowledges from the page cache: nothing is fsynced on the write path.
+            .fsync_schedule(if cfg.durable_acks {
+                FsyncSchedule::SyncEach
+            } else {
+                FsyncSchedule::NoFsync
+            })
             .consistency(ReadConsistency::AtLeastOnce {
                 persist_every: 1 << 30,
             })

@@ -7,6 +7,7 @@
 #![cfg(madsim)]
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::Instant;
 
 use sim_tests::cluster::{
@@ -45,7 +46,76 @@ fn judge(r: &ClusterReport) -> Option<String> {
     None
 }
 
-/// Runs `seeds` on two threads (one simulator each); reports in seed order.
+/// Set in a child process: the one seed it runs (`<seed>:<planted>`).
+const CHILD_ENV: &str = "SIMB_CHILD";
+/// The line a child prints its report on.
+const REPORT_PREFIX: &str = "SIMB_REPORT ";
+
+fn planted_name(p: Planted) -> &'static str {
+    match p {
+        Planted::None => "none",
+        Planted::AckBeforeFsync => "ack-before-fsync",
+    }
+}
+
+/// Runs one seed in a fresh process of this test binary. Every run then starts from the same
+/// process state (tokio seeds its `select!` randomness from a process-wide counter), so a seed
+/// replays exactly, whichever seeds ran before it.
+fn run_isolated(seed: u64, planted: Planted) -> ClusterReport {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = Command::new(exe)
+        .args(["child_seed", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{seed}:{}", planted_name(planted)))
+        .env_remove("SIMB_SEED")
+        .env_remove("SIMB_VERBOSE")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot start a simulation process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The harness may print the test's name on the same line first.
+    let report = stdout
+        .lines()
+        .find_map(|l| l.find(REPORT_PREFIX).map(|i| &l[i + REPORT_PREFIX.len()..]));
+    if let Some(line) = report {
+        if let Ok(r) = serde_json::from_str::<ClusterReport>(line) {
+            return r;
+        }
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+    ClusterReport {
+        seed,
+        violation: Some(sim_tests::cluster::Violation {
+            checker: "the simulation completes".into(),
+            detail: format!(
+                "the run crashed ({}): {}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ),
+        }),
+        ..ClusterReport::default()
+    }
+}
+
+/// The child side of [`run_isolated`]: does nothing unless `SIMB_CHILD` names a seed.
+#[test]
+fn child_seed() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (seed, planted) = spec.split_once(':').expect("SIMB_CHILD is <seed>:<planted>");
+    let planted = match planted {
+        "ack-before-fsync" => Planted::AckBeforeFsync,
+        _ => Planted::None,
+    };
+    let r = run_cluster_seed(seed.parse().expect("a numeric seed"), planted);
+    println!(
+        "\n{REPORT_PREFIX}{}",
+        serde_json::to_string(&r).expect("a report serializes")
+    );
+}
+
+/// Runs `seeds` two at a time (one process each); reports in seed order.
 fn run_many(seeds: std::ops::Range<u64>, planted: Planted) -> Vec<ClusterReport> {
     let threads = 2u64;
     let (lo, hi) = (seeds.start, seeds.end);
@@ -55,7 +125,7 @@ fn run_many(seeds: std::ops::Range<u64>, planted: Planted) -> Vec<ClusterReport>
                 s.spawn(move || {
                     (lo..hi)
                         .filter(|x| x % threads == t)
-                        .map(|x| run_cluster_seed(x, planted))
+                        .map(|x| run_isolated(x, planted))
                         .collect::<Vec<_>>()
                 })
             })
@@ -131,8 +201,8 @@ fn cluster_swarm() {
 #[test]
 fn cluster_runs_are_deterministic() {
     let seed = env_u64("SIMB_DET_SEED").unwrap_or(7);
-    let a = run_cluster_seed(seed, Planted::None);
-    let b = run_cluster_seed(seed, Planted::None);
+    let a = run_isolated(seed, Planted::None);
+    let b = run_isolated(seed, Planted::None);
     assert_eq!(
         (a.trace_hash, a.acked, a.delivered, &a.faults),
         (b.trace_hash, b.acked, b.delivered, &b.faults),
@@ -145,7 +215,7 @@ fn cluster_runs_are_deterministic() {
 #[test]
 fn planted_ack_before_fsync_is_caught() {
     for seed in 0..BUG_SEEDS {
-        let r = run_cluster_seed(seed, Planted::AckBeforeFsync);
+        let r = run_isolated(seed, Planted::AckBeforeFsync);
         if let Some(v) = r.violation {
             println!(
                 "planted ack-before-fsync caught at seed {seed}: {}: {}",

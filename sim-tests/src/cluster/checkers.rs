@@ -13,10 +13,10 @@ use walrus_core::cluster::SegmentId;
 use super::{World, SAMPLE_EVERY};
 
 /// A broken property.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Violation {
     /// The property (named after the spec invariant).
-    pub checker: &'static str,
+    pub checker: String,
     /// What was seen.
     pub detail: String,
 }
@@ -41,7 +41,7 @@ pub async fn sample_loop(world: Arc<World>) {
     loop {
         sleep(SAMPLE_EVERY).await;
         if let Err(v) = sample(&world) {
-            world.fail(v.checker, v.detail);
+            world.fail(&v.checker, v.detail);
         }
     }
 }
@@ -54,8 +54,11 @@ fn running(world: &World) -> Vec<(u64, Arc<walrus_node::node::Node>)> {
         .collect()
 }
 
-fn violation(checker: &'static str, detail: String) -> Result<(), Violation> {
-    Err(Violation { checker, detail })
+fn violation(checker: &str, detail: String) -> Result<(), Violation> {
+    Err(Violation {
+        checker: checker.to_string(),
+        detail,
+    })
 }
 
 fn sample(world: &World) -> Result<(), Violation> {

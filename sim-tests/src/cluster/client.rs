@@ -200,7 +200,7 @@ pub async fn consumer(world: Arc<World>, id: usize) {
             Ok(Reply::Ok(Some(p))) => {
                 world.trace(format!("get t{t} via {node}: {}", header(&p)));
                 if let Err(v) = world.oracle.lock().unwrap().delivered(t, &p) {
-                    world.fail(v.checker, v.detail);
+                    world.fail(&v.checker, v.detail);
                 }
             }
             Ok(Reply::Empty) | Ok(Reply::Ok(None)) => {
@@ -286,7 +286,7 @@ pub async fn drain(world: Arc<World>) -> Result<(), String> {
                 Ok(Reply::Ok(Some(p))) => {
                     world.trace(format!("drain t{t} via {node}: {}", header(&p)));
                     if let Err(v) = world.oracle.lock().unwrap().delivered(t, &p) {
-                        world.fail(v.checker, v.detail);
+                        world.fail(&v.checker, v.detail);
                         return Ok(());
                     }
                 }

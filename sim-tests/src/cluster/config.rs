@@ -5,7 +5,9 @@ use std::fmt;
 use crate::rng::Rng;
 
 /// A fault the Tier B driver injects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum ClusterFault {
     /// SIGKILL-like: the node's tasks vanish and its disk loses (or tears) unsynced writes;
     /// restarted a little later.
@@ -41,7 +43,7 @@ impl ClusterFault {
 }
 
 /// A bug planted on purpose, to prove the checkers catch it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Planted {
     /// The real code, nothing planted.
     None,

@@ -42,13 +42,11 @@ const CLIENT_PORT: u16 = 8080;
 const WARMUP: Duration = Duration::from_secs(5);
 /// Bound of each liveness step.
 pub(crate) const LIVENESS_BOUND: Duration = Duration::from_secs(60);
-/// The panic message of a simulated node process that exited (the simulator restarts it).
-const NODE_EXITED: &str = "walrus-node exited";
 /// How often the checkers sample every node.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// What one Tier B run did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ClusterReport {
     /// The seed.
     pub seed: u64,
@@ -92,6 +90,9 @@ pub fn replay_command(seed: u64) -> String {
 /// keys once, from the first random source they meet, so only a thread whose first hash map is
 /// made inside the simulator replays exactly (the simulator's `getrandom` is seeded).
 pub fn run_cluster_seed(seed: u64, planted: Planted) -> ClusterReport {
+    // std probes its random source once per process, on first use: do that here, outside any
+    // simulation, so that no run draws more simulated randomness than another.
+    let _ = std::collections::hash_map::RandomState::new();
     std::thread::Builder::new()
         .name(format!("sim-seed-{seed}"))
         .stack_size(64 << 20)
@@ -128,6 +129,8 @@ pub struct World {
     pub violation: Mutex<Option<Violation>>,
     /// Nodes (indexes) currently killed.
     pub down: Mutex<BTreeSet<usize>>,
+    /// Nodes (indexes) whose process exited and that wait for the supervisor.
+    pub exited: Mutex<BTreeSet<usize>>,
     pub samples: Mutex<checkers::Samples>,
 }
 
@@ -136,11 +139,14 @@ impl World {
         self.start.elapsed().as_millis() as u64
     }
 
-    pub fn fail(&self, checker: &'static str, detail: String) {
+    pub fn fail(&self, checker: &str, detail: String) {
         let mut v = self.violation.lock().unwrap();
         if v.is_none() {
             self.trace(format!("VIOLATION {checker}: {detail}"));
-            *v = Some(Violation { checker, detail });
+            *v = Some(Violation {
+                checker: checker.to_string(),
+                detail,
+            });
         }
     }
 
@@ -206,7 +212,7 @@ fn node_args(cfg: &ClusterConfig, i: usize) -> Args {
 }
 
 async fn drive(cfg: ClusterConfig) -> ClusterReport {
-    let verbose = std::env::var_os("SIMB_SEED").is_some();
+    let verbose = std::env::var_os("SIMB_SEED").is_some() || std::env::var_os("SIMB_VERBOSE").is_some();
     let world = Arc::new(World {
         cfg: cfg.clone(),
         oracle: Mutex::new(Oracle::default()),
@@ -218,6 +224,7 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         stop_clients: AtomicBool::new(false),
         violation: Mutex::new(None),
         down: Mutex::new(BTreeSet::new()),
+        exited: Mutex::new(BTreeSet::new()),
         samples: Mutex::new(checkers::Samples::default()),
     });
     world.trace(format!("config {cfg}"));
@@ -234,20 +241,22 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         .map(|i| {
             let disk = disks[i].clone();
             let args = node_args(&cfg, i);
+            let world = world.clone();
             handle
                 .create_node()
                 .name(format!("node-{}", i + 1))
                 .ip(node_ip(i))
-                // A node that exits (`run_on` returned) is restarted like a supervisor would,
-                // with its disk as it is (a process exit is not a power failure).
-                .restart_on_panic_matching(NODE_EXITED)
                 .init(move || {
                     let disk = disk.clone();
                     let args = args.clone();
+                    let world = world.clone();
                     async move {
                         let res = run_on(disk, args).await;
-                        sleep(Duration::from_secs(1)).await;
-                        panic!("{NODE_EXITED}: {res:?}");
+                        // The process exited: the supervisor kills what is left of it and starts
+                        // it again, with its disk as it is (an exit is not a power failure).
+                        tracing::info!(result = ?res, "walrus-node exited");
+                        world.exited.lock().unwrap().insert(i);
+                        std::future::pending::<()>().await;
                     }
                 })
                 .build()
@@ -262,6 +271,12 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
     let sampler = {
         let world = world.clone();
         madsim::task::spawn(async move { checkers::sample_loop(world).await })
+    };
+    let supervisor = {
+        let world = world.clone();
+        let handle = handle.clone();
+        let ids: Vec<madsim::task::NodeId> = nodes.iter().map(NodeHandle::id).collect();
+        madsim::task::spawn(async move { supervise(world, handle, ids).await })
     };
     sleep(WARMUP).await;
 
@@ -320,10 +335,11 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
     if !world.failed() {
         let verdict = world.oracle.lock().unwrap().judge();
         if let Err(v) = verdict {
-            world.fail(v.checker, v.detail);
+            world.fail(&v.checker, v.detail);
         }
     }
     sampler.abort();
+    supervisor.abort();
     let (raft_leaders, seals) = checkers::final_counts(&world);
 
     let mut report = ClusterReport {
@@ -355,6 +371,24 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         handle.kill(n.id());
     }
     report
+}
+
+/// Restarts node processes that exited, as systemd would: what is left of the process is
+/// killed, and it starts again a second later.
+async fn supervise(world: Arc<World>, handle: Handle, ids: Vec<madsim::task::NodeId>) {
+    loop {
+        sleep(Duration::from_millis(250)).await;
+        let exited = std::mem::take(&mut *world.exited.lock().unwrap());
+        for i in exited {
+            handle.kill(ids[i]);
+            sleep(Duration::from_secs(1)).await;
+            // A node that a fault killed meanwhile is restarted by the fault injector.
+            if !world.down.lock().unwrap().contains(&i) {
+                handle.restart(ids[i]);
+                world.trace(format!("supervisor restarted node {}", i + 1));
+            }
+        }
+    }
 }
 
 /// The liveness steps; each is bounded in simulated time.

@@ -53,7 +53,7 @@ impl Oracle {
     /// that topic.
     pub fn delivered(&mut self, topic: usize, payload: &[u8]) -> Result<(), Violation> {
         let bad = |why: &str| Violation {
-            checker: "no acknowledged entry lost or changed",
+            checker: "no acknowledged entry lost or changed".into(),
             detail: format!(
                 "GET on t{topic} returned {why}: {:?}",
                 String::from_utf8_lossy(&payload[..payload.len().min(48)])
@@ -101,7 +101,7 @@ impl Oracle {
             if lost.len() as u64 > excused {
                 let (p, s, off) = lost[0];
                 return Err(Violation {
-                    checker: "no acknowledged entry lost or changed",
+                    checker: "no acknowledged entry lost or changed".into(),
                     detail: format!(
                         "{} acknowledged PUTs of t{t} were never returned by any GET (every topic                          was read to its end; {excused} GETs went unanswered), e.g. p{p} s{s} at                          offset {off}",
                         lost.len()
@@ -114,7 +114,7 @@ impl Oracle {
         for &(t, p, s, off) in &self.acked {
             if let Some(other) = by_offset.insert((t, off), (p, s)) {
                 return Err(Violation {
-                    checker: "offsets gapless and monotonic per topic",
+                    checker: "offsets gapless and monotonic per topic".into(),
                     detail: format!(
                         "offset {off} of t{t} was acknowledged twice: to p{} s{} and to p{p} s{s}",
                         other.0, other.1
@@ -124,7 +124,7 @@ impl Oracle {
             if let Some(&(prev_s, prev_off)) = last_of.get(&(t, p)) {
                 if prev_s < s && prev_off >= off {
                     return Err(Violation {
-                        checker: "offsets gapless and monotonic per topic",
+                        checker: "offsets gapless and monotonic per topic".into(),
                         detail: format!(
                             "p{p} on t{t}: s{prev_s} acknowledged at {prev_off}, the later s{s} \
                              at {off}"

@@ -744,7 +744,11 @@ impl Node {
 
     /// Grantor side (on the metadata leader): renews `holder`'s lease on a segment if the
     /// metadata names it leader of that open segment at `epoch`.
-    pub fn grant_lease(
+    ///
+    /// The grant reads linearizable metadata: leadership is confirmed by a quorum and everything
+    /// committed is applied first. A leader fresh from an election has not yet applied what its
+    /// predecessors committed (a seal, say), and must not grant a lease on that stale view.
+    pub async fn grant_lease(
         &self,
         topic: &str,
         segment: u64,
@@ -754,6 +758,10 @@ impl Node {
         if self.raft.metrics().borrow().current_leader != Some(self.cfg.id) {
             return Err("not the metadata leader".into());
         }
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| format!("cannot confirm the metadata: {e}"))?;
         let seg = SegmentRef {
             topic: topic.to_string(),
             segment: SegmentId(segment),
@@ -775,6 +783,7 @@ impl Node {
                 let granted = match leader {
                     Some(l) if l == self.cfg.id => self
                         .grant_lease(&topic, seg.id.0, seg.epoch.0, self.cfg.id)
+                        .await
                         .is_ok(),
                     Some(l) => match self.addr_of(NodeId(l)) {
                         Some(addr) => {

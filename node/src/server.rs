@@ -250,6 +250,6 @@ async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
             segment,
             epoch,
             holder,
-        } => RpcResponse::LeaseGrant(node.grant_lease(&topic, segment, epoch, holder)),
+        } => RpcResponse::LeaseGrant(node.grant_lease(&topic, segment, epoch, holder).await),
     }
 }

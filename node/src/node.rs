@@ -738,8 +738,13 @@ impl Node {
         }
     }
 
+    /// This node's clock for leases, in ms since it started. (Under simulation it may run fast
+    /// or slow, within the drift bound, as the simulator decides.)
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        let raw = self.started.elapsed().as_millis() as u64;
+        #[cfg(madsim)]
+        let raw = crate::sim::skewed_ms(self.cfg.id, raw);
+        raw
     }
 
     /// Grantor side (on the metadata leader): renews `holder`'s lease on a segment if the

@@ -25,23 +25,72 @@ pub struct Append {
     pub count: u64,
 }
 
+/// A node's lease clock: it runs at `1 + ppm / 10^6` times simulated time, continuously
+/// across rate changes.
+#[derive(Default, Clone, Copy)]
+struct Clock {
+    anchor_raw: u64,
+    anchor_ms: u64,
+    ppm: i64,
+    pending: Option<i64>,
+}
+
+impl Clock {
+    fn at(&self, raw: u64) -> u64 {
+        let d = raw.saturating_sub(self.anchor_raw) as i128;
+        let skewed = d * (1_000_000 + self.ppm as i128) / 1_000_000;
+        self.anchor_ms + skewed.max(0) as u64
+    }
+}
+
 thread_local! {
     static NODES: RefCell<BTreeMap<u64, Weak<Node>>> = const { RefCell::new(BTreeMap::new()) };
     static APPENDS: RefCell<Vec<Append>> = const { RefCell::new(Vec::new()) };
+    static CLOCKS: RefCell<BTreeMap<u64, Clock>> = const { RefCell::new(BTreeMap::new()) };
 }
 
-/// Forgets every node and append (a new seed starts).
+/// Forgets every node, append and clock (a new seed starts).
 pub fn reset() {
     NODES.with(|n| n.borrow_mut().clear());
     APPENDS.with(|a| a.borrow_mut().clear());
+    CLOCKS.with(|c| c.borrow_mut().clear());
 }
 
 /// Records a started node (weakly: a killed node's state is dropped with its tasks).
 pub fn register(node: &Arc<Node>) {
-    NODES.with(|n| {
-        n.borrow_mut()
-            .insert(node.config().id, Arc::downgrade(node))
+    let id = node.config().id;
+    NODES.with(|n| n.borrow_mut().insert(id, Arc::downgrade(node)));
+    // A new process starts its clock from zero, at the rate the node's oscillator has.
+    CLOCKS.with(|c| {
+        let mut c = c.borrow_mut();
+        let ppm = c.get(&id).map_or(0, |k| k.pending.unwrap_or(k.ppm));
+        c.insert(
+            id,
+            Clock {
+                ppm,
+                ..Clock::default()
+            },
+        );
     });
+}
+
+/// Makes node `id`'s lease clock run `ppm` parts per million fast (negative: slow) from now on.
+pub fn set_clock_rate(id: u64, ppm: i64) {
+    CLOCKS.with(|c| c.borrow_mut().entry(id).or_default().pending = Some(ppm));
+}
+
+/// Node `id`'s lease clock reading, given its unskewed reading `raw` (ms since it started).
+pub(crate) fn skewed_ms(id: u64, raw: u64) -> u64 {
+    CLOCKS.with(|c| {
+        let mut c = c.borrow_mut();
+        let k = c.entry(id).or_default();
+        if let Some(ppm) = k.pending.take() {
+            k.anchor_ms = k.at(raw);
+            k.anchor_raw = raw;
+            k.ppm = ppm;
+        }
+        k.at(raw)
+    })
 }
 
 /// The running incarnation of node `id`, if any.

@@ -53,13 +53,15 @@ impl Client {
     }
 
     async fn exchange(&mut self, node: usize, cmd: &Command<'_>) -> Result<Reply, String> {
-        if !self.conns.contains_key(&node) {
-            let s = TcpStream::connect(client_addr(node))
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            self.conns.insert(node, (s, Vec::new()));
-        }
-        let (stream, buf) = self.conns.get_mut(&node).expect("inserted above");
+        let (stream, buf) = match self.conns.entry(node) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let s = TcpStream::connect(client_addr(node))
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                e.insert((s, Vec::new()))
+            }
+        };
         let mut frame = Vec::new();
         put_frame(&mut frame, &encode_command(cmd));
         stream

@@ -26,11 +26,13 @@ pub enum ClusterFault {
     FsyncError,
     /// A node's disk is full for a while.
     DiskFull,
+    /// A node's clock runs fast or slow (within the lease drift bound).
+    ClockSkew,
 }
 
 impl ClusterFault {
     /// Every kind, in a fixed order.
-    pub const ALL: [ClusterFault; 8] = [
+    pub const ALL: [ClusterFault; 9] = [
         ClusterFault::Kill,
         ClusterFault::Partition,
         ClusterFault::AsymmetricPartition,
@@ -39,6 +41,7 @@ impl ClusterFault {
         ClusterFault::SlowNetwork,
         ClusterFault::FsyncError,
         ClusterFault::DiskFull,
+        ClusterFault::ClockSkew,
     ];
 }
 

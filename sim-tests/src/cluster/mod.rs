@@ -212,7 +212,8 @@ fn node_args(cfg: &ClusterConfig, i: usize) -> Args {
 }
 
 async fn drive(cfg: ClusterConfig) -> ClusterReport {
-    let verbose = std::env::var_os("SIMB_SEED").is_some() || std::env::var_os("SIMB_VERBOSE").is_some();
+    let verbose =
+        std::env::var_os("SIMB_SEED").is_some() || std::env::var_os("SIMB_VERBOSE").is_some();
     let world = Arc::new(World {
         cfg: cfg.clone(),
         oracle: Mutex::new(Oracle::default()),
@@ -299,6 +300,7 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         clogged_links: BTreeSet::new(),
         isolated: BTreeSet::new(),
         sick_disks: BTreeSet::new(),
+        skewed: BTreeSet::new(),
         counts: BTreeMap::new(),
         pending_restarts: Vec::new(),
     };
@@ -417,6 +419,7 @@ struct Faults {
     clogged_links: BTreeSet<(usize, usize)>,
     isolated: BTreeSet<usize>,
     sick_disks: BTreeSet<usize>,
+    skewed: BTreeSet<usize>,
     counts: BTreeMap<ClusterFault, u64>,
     /// Killed nodes and when (simulated ms) they come back.
     pending_restarts: Vec<(u64, usize)>,
@@ -501,6 +504,19 @@ impl Faults {
                 self.world
                     .trace(format!("fault: node {} fsyncs fail with p={p}", i + 1));
             }
+            ClusterFault::ClockSkew => {
+                // Two clocks may drift apart by `max_clock_drift_ms` over one lease: each may
+                // run off by half of that.
+                let lease = walrus_core::cluster::lease::LeaseConfig::default();
+                let max_ppm =
+                    (lease.max_clock_drift_ms * 1_000_000 / lease.lease_duration_ms / 2) as i64;
+                let i = self.rng.below(n);
+                let ppm = self.rng.range(0, 2 * max_ppm as u64) as i64 - max_ppm;
+                walrus_node::sim::set_clock_rate(i as u64 + 1, ppm);
+                self.skewed.insert(i);
+                self.world
+                    .trace(format!("fault: node {} clock rate {ppm:+} ppm", i + 1));
+            }
             ClusterFault::DiskFull => {
                 let i = self.rng.below(n);
                 let room = self.rng.range(0, 256 << 10);
@@ -557,6 +573,9 @@ impl Faults {
         }
         let normal = madsim::net::Config::default();
         net.update_config(|c| *c = normal);
+        for i in std::mem::take(&mut self.skewed) {
+            walrus_node::sim::set_clock_rate(i as u64 + 1, 0);
+        }
         self.world.trace("heal network".into());
     }
 

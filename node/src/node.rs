@@ -35,6 +35,8 @@ const PROBE_FAILURES_MAX: u32 = 4;
 const LEASE_RENEW_INTERVAL: Duration = Duration::from_millis(100);
 /// Attempts of one GET (each a read plus a compare-and-set of the shared cursor).
 const GET_ATTEMPTS_MAX: u32 = 64;
+/// Longest a lease grant waits to confirm leadership and apply what is committed.
+const LEASE_GRANT_CONFIRM_MAX: Duration = Duration::from_millis(500);
 
 /// Settings of one node.
 #[derive(Debug, Clone)]
@@ -67,6 +69,10 @@ pub struct Counters {
     gets_empty: AtomicU64,
     errors: AtomicU64,
     seals: AtomicU64,
+    /// Peer connections the RPC server holds open now.
+    pub rpc_connections: AtomicU64,
+    /// Peer requests being handled now.
+    pub rpc_in_flight: AtomicU64,
 }
 
 /// A running node.
@@ -670,9 +676,16 @@ impl Node {
                 "gets_empty": c.gets_empty.load(Ordering::Relaxed),
                 "errors": c.errors.load(Ordering::Relaxed),
                 "seals": c.seals.load(Ordering::Relaxed),
+                "rpc_connections": c.rpc_connections.load(Ordering::Relaxed),
+                "rpc_in_flight": c.rpc_in_flight.load(Ordering::Relaxed),
             },
         })
         .to_string()
+    }
+
+    /// The request counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Counts a request that ended in `ERR`.
@@ -763,10 +776,13 @@ impl Node {
         if self.raft.metrics().borrow().current_leader != Some(self.cfg.id) {
             return Err("not the metadata leader".into());
         }
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| format!("cannot confirm the metadata: {e}"))?;
+        // Bounded: a leader that loses its leadership while confirming would otherwise wait
+        // forever for an entry that never commits.
+        match tokio::time::timeout(LEASE_GRANT_CONFIRM_MAX, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("cannot confirm the metadata: {e}")),
+            Err(_) => return Err("timed out confirming the metadata".into()),
+        }
         let seg = SegmentRef {
             topic: topic.to_string(),
             segment: SegmentId(segment),

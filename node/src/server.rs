@@ -2,6 +2,7 @@
 //! RPC server. Both bound every connection: frames are checked against their limit before any
 //! buffering, connections are capped by a semaphore, and every request has a deadline.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -195,6 +196,8 @@ pub async fn serve_rpc(node: Arc<Node>, listener: TcpListener) {
         let node = node.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
+            let c = node.counters();
+            c.rpc_connections.fetch_add(1, Ordering::Relaxed);
             loop {
                 let req: RpcRequest = match read_msg(&mut stream).await {
                     Ok(Some(r)) => r,
@@ -204,11 +207,21 @@ pub async fn serve_rpc(node: Arc<Node>, listener: TcpListener) {
                         break;
                     }
                 };
-                let resp = rpc(&node, req).await;
+                // A handler stuck past any caller's patience would hold its connection slot
+                // forever: drop it (the caller sees the connection close) and free the slot.
+                let limit = node.config().request_timeout * 2;
+                c.rpc_in_flight.fetch_add(1, Ordering::Relaxed);
+                let handled = tokio::time::timeout(limit, rpc(&node, req)).await;
+                c.rpc_in_flight.fetch_sub(1, Ordering::Relaxed);
+                let Ok(resp) = handled else {
+                    tracing::warn!("an rpc handler ran past {limit:?}; closing its connection");
+                    break;
+                };
                 if write_msg(&mut stream, &resp).await.is_err() {
                     break;
                 }
             }
+            c.rpc_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }

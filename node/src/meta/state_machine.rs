@@ -185,7 +185,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let seq = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
-            Some(id) => format!("{}-{}-{seq}", id.leader_id.term, id.index),
+            Some(id) => format!(
+                "{}-{}-{}-{seq}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
             None => format!("none-{seq}"),
         };
         let meta = SnapshotMeta {

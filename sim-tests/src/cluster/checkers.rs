@@ -24,8 +24,8 @@ pub struct Violation {
 /// What the samples of one run have established so far.
 #[derive(Default)]
 pub struct Samples {
-    /// Raft term -> the node seen leading it.
-    leaders: BTreeMap<u64, u64>,
+    /// Raft leader ids (term, node) seen leading.
+    leaders: BTreeSet<(u64, u64)>,
     /// Applied index -> (hash of the metadata at it, the node it was first seen on).
     metadata_at: BTreeMap<u64, (u32, u64)>,
     /// (topic, segment) -> (base offset, entries) once seen sealed.
@@ -74,15 +74,22 @@ fn sample(world: &World) -> Result<(), Violation> {
     for (id, node) in running(world) {
         let m = node.raft().metrics().borrow().clone();
         if m.state.is_leader() {
-            if let Some(&other) = s.leaders.get(&m.current_term) {
-                if other != id {
-                    return violation(
-                        "Raft election safety (one leader per term)",
-                        format!("nodes {other} and {id} both led term {}", m.current_term),
-                    );
-                }
+            // openraft identifies a leader by (term, node id): candidates of one term may lead
+            // it in turn, each elected by a quorum, so a leader id names one node by
+            // construction. Election safety in that form: a node acts as leader only under its
+            // own leader id, with the vote committed (granted by a quorum).
+            let lid = m.vote.leader_id();
+            let term = m.current_term;
+            if !m.vote.is_committed() || lid.voted_for() != Some(id) {
+                return violation(
+                    "Raft election safety (one leader per leader id)",
+                    format!(
+                        "node {id} leads term {term} without a quorum's vote: {}",
+                        m.vote
+                    ),
+                );
             }
-            s.leaders.insert(m.current_term, id);
+            s.leaders.insert((term, id));
         }
         let seen = node.state_machine().read_applied(|idx, md| {
             let sealed: Vec<(String, u64, u64, u64, Option<u64>)> = md
@@ -258,6 +265,29 @@ pub async fn converged(world: &World, bound: Duration) -> Result<(), String> {
 /// (metadata leaders observed, segments seen sealed).
 pub fn final_counts(world: &World) -> (u64, u64) {
     let s = world.samples.lock().unwrap();
-    let leaders: BTreeSet<(u64, u64)> = s.leaders.iter().map(|(t, n)| (*t, *n)).collect();
-    (leaders.len() as u64, s.sealed.len() as u64)
+    (s.leaders.len() as u64, s.sealed.len() as u64)
+}
+
+/// Every running node's Raft view, for failure messages: `node: state term leader applied`.
+pub fn raft_views(world: &World) -> String {
+    running(world)
+        .iter()
+        .map(|(id, n)| {
+            let m = n.raft().metrics().borrow().clone();
+            let c = n.counters();
+            format!(
+                "node {id}: {:?} term {} vote {} leader {:?} last log {:?} applied {:?}, rpc \
+                 connections {} in flight {}",
+                m.state,
+                m.current_term,
+                m.vote,
+                m.current_leader,
+                m.last_log_index,
+                m.last_applied.map(|l| l.index),
+                c.rpc_connections.load(std::sync::atomic::Ordering::Relaxed),
+                c.rpc_in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

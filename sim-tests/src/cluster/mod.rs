@@ -321,7 +321,7 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
     faults.heal_all();
     world.trace("liveness phase: every fault healed".into());
     if !world.failed() {
-        liveness(&world, &client_node).await;
+        liveness(&world, &client_node, &nodes).await;
     }
     // Drain: read every topic to its end, then judge what the clients saw.
     if !world.failed() {
@@ -394,14 +394,38 @@ async fn supervise(world: Arc<World>, handle: Handle, ids: Vec<madsim::task::Nod
 }
 
 /// The liveness steps; each is bounded in simulated time.
-async fn liveness(world: &Arc<World>, client_node: &NodeHandle) {
+async fn liveness(world: &Arc<World>, client_node: &NodeHandle, nodes: &[NodeHandle]) {
     let w = world.clone();
     let res = client_node
         .spawn(async move { client::liveness_writes(w).await })
         .await
         .unwrap_or_else(|e| Err(format!("liveness task failed: {e}")));
     if let Err(e) = res {
-        world.fail("liveness: every topic accepts writes after healing", e);
+        let mut pings = Vec::new();
+        for (i, from) in nodes.iter().enumerate() {
+            for j in 0..world.cfg.nodes {
+                if i == j {
+                    continue;
+                }
+                let addr = format!("{}:{RAFT_PORT}", node_ip(j));
+                let ok = from
+                    .spawn(async move {
+                        let c = walrus_node::rpc::RpcClient::new(addr);
+                        c.call(&walrus_node::rpc::RpcRequest::Ping, Duration::from_secs(2))
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                    .await;
+                pings.push(format!("{}->{}: {:?}", i + 1, j + 1, ok));
+            }
+        }
+        world.trace(format!("pings after the liveness failure: {pings:?}"));
+        let views = checkers::raft_views(world);
+        world.fail(
+            "liveness: every topic accepts writes after healing",
+            format!("{e}; raft: {views}"),
+        );
         return;
     }
     if let Err(e) = checkers::converged(world, LIVENESS_BOUND).await {

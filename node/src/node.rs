@@ -399,6 +399,14 @@ impl Node {
             if *frozen {
                 return Ok(None);
             }
+            // A full segment takes nothing more, even if the gate is open: after a restart the
+            // gate starts open, while a seal at the full length may still be on its way
+            // through Raft. (Found by the Tier B simulation, seed 1464.)
+            if self.data.entry_count(&key) >= self.cfg.max_segment_entries {
+                drop(frozen);
+                self.close_gate(topic, seg.id);
+                return Ok(None);
+            }
             let append = || self.data.batch_append(&key, payloads);
             #[cfg(not(madsim))]
             let appended = if self.cfg.durable_acks {

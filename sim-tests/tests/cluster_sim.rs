@@ -221,6 +221,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
     ),
     (298, "the same lease-after-seal race, on another schedule"),
     (445, "the same lease-after-seal race, with partitions"),
+    (
+        1464,
+        "a restarted leader appended past a seal its previous process had proposed",
+    ),
 ];
 
 #[test]

@@ -23,7 +23,7 @@ use walrus_core::cluster::metadata::{Command, Outcome, SegmentMeta, TopicMeta};
 use walrus_core::cluster::{Epoch, NodeId, SegmentId, SegmentRef};
 
 use crate::meta::{MetaResponse, Raft, StateMachine};
-use crate::rpc::{Peers, RpcRequest, RpcResponse};
+use crate::rpc::{Peers, RpcClient, RpcRequest, RpcResponse};
 
 /// How often the leader of an open segment reports its committed length to the metadata group.
 const COMMIT_REPORT_INTERVAL: Duration = Duration::from_millis(50);
@@ -58,6 +58,9 @@ pub struct NodeConfig {
     /// Whether a PUT is acknowledged only after the leader's fsync (`leader-fsync`) or as soon
     /// as it is written (`none`).
     pub durable_acks: bool,
+    /// Whether a PUT also waits until a majority of its segment's replicas hold it durably
+    /// (`quorum-fsync`). Otherwise replicas are brought up to date in the background.
+    pub quorum_acks: bool,
 }
 
 /// Counters reported by `METRICS`.
@@ -91,7 +94,37 @@ pub struct Node {
     /// Grants this node handed out while it was the metadata leader.
     grants: Mutex<LeaseTable>,
     lease_cfg: LeaseConfig,
+    /// Segment leader side of replication.
+    replication: ReplicaLengths,
 }
+
+/// Segment leader side of replication: what each replica holds, how far they should get, and
+/// which replicas have a push running.
+#[derive(Default)]
+struct Replication {
+    state: Mutex<ReplicationState>,
+    /// Woken whenever a replica reports a length.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct ReplicationState {
+    /// Segment -> replica -> entries it last reported holding durably.
+    lengths: BTreeMap<SegmentId, BTreeMap<NodeId, u64>>,
+    /// Segment -> the length its replicas should reach.
+    wanted: BTreeMap<SegmentId, u64>,
+    /// Replicas with a push running.
+    pushing: BTreeSet<(SegmentId, NodeId)>,
+}
+
+type ReplicaLengths = Arc<Replication>;
+
+/// How long a commit report waits for lagging replicas to answer a push.
+const QUORUM_PROBE_WAIT: Duration = Duration::from_millis(200);
+/// Entries a catch-up round sends at most.
+const CATCH_UP_ENTRIES_MAX: u64 = 1_000;
+/// Bytes a catch-up round sends at most.
+const CATCH_UP_BYTES_MAX: usize = 8 << 20;
 
 /// A request-level error: becomes `ERR <reason>`.
 pub type Failure = String;
@@ -130,6 +163,7 @@ impl Node {
             leases: Mutex::new(HashMap::new()),
             grants: Mutex::new(LeaseTable::new()),
             lease_cfg: LeaseConfig::default(),
+            replication: Arc::default(),
         })
     }
 
@@ -312,7 +346,24 @@ impl Node {
             };
             if leader == self.me() {
                 match self.append_local(topic, &seg, payloads)? {
-                    Some(offset) => return Ok(offset),
+                    Some(offset) => {
+                        if seg.replicas.len() > 1 {
+                            let end = offset - seg.base_offset + payloads.len() as u64;
+                            let quorum = self.replicate(topic, &seg, end);
+                            if self.cfg.quorum_acks {
+                                let remaining = deadline.saturating_duration_since(Instant::now());
+                                match tokio::time::timeout(remaining, quorum).await {
+                                    Ok(true) => {}
+                                    _ => {
+                                        return Err("no replica quorum in time; the write may \
+                                                    or may not be kept"
+                                            .into())
+                                    }
+                                }
+                            }
+                        }
+                        return Ok(offset);
+                    }
                     // Sealing: wait for the next segment to open.
                     None => self.wait_change(Duration::from_millis(50)).await,
                 }
@@ -351,6 +402,126 @@ impl Node {
             }
             self.wait_change(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Leader side: brings every other replica of `seg` up to `end` entries, each by its own
+    /// task (which keeps going after the caller stops waiting). The returned future resolves
+    /// to `true` once a majority of the replica set (this node included) holds `end` entries
+    /// durably, and to `false` if that can no longer happen.
+    fn replicate(
+        &self,
+        topic: &str,
+        seg: &SegmentMeta,
+        end: u64,
+    ) -> impl std::future::Future<Output = bool> {
+        let need = walrus_core::cluster::majority(seg.replicas.len()).saturating_sub(1);
+        let others: Vec<NodeId> = seg
+            .replicas
+            .iter()
+            .copied()
+            .filter(|&r| r != self.me())
+            .collect();
+        let mut start = Vec::new();
+        {
+            let mut st = lock(&self.replication.state);
+            let w = st.wanted.entry(seg.id).or_default();
+            *w = (*w).max(end);
+            for &r in &others {
+                // One push per replica at a time; a running one picks up the new target.
+                if st.pushing.insert((seg.id, r)) {
+                    start.push(r);
+                }
+            }
+        }
+        for r in start {
+            let push = Push {
+                client: self.addr_of(r).map(|a| self.peers.get(&a)),
+                data: self.data.clone(),
+                repl: self.replication.clone(),
+                topic: topic.to_string(),
+                segment: seg.id,
+                replica: r,
+                timeout: self.cfg.request_timeout,
+            };
+            tokio::spawn(push.run());
+        }
+        let repl = self.replication.clone();
+        let id = seg.id;
+        async move {
+            loop {
+                let changed = repl.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let holding = {
+                    let st = lock(&repl.state);
+                    st.lengths.get(&id).map_or(0, |m| {
+                        others
+                            .iter()
+                            .filter(|r| m.get(r).is_some_and(|&n| n >= end))
+                            .count()
+                    })
+                };
+                if holding >= need {
+                    return true;
+                }
+                changed.await;
+            }
+        }
+    }
+
+    /// Replica side: stores entries `position..` of a segment led elsewhere. Answers with the
+    /// entries now held durably: fewer than `position` means the leader must send the gap
+    /// first; entries already held are skipped.
+    pub fn store_replica(
+        &self,
+        topic: &str,
+        segment: u64,
+        position: u64,
+        payloads: &[Vec<u8>],
+    ) -> Result<u64, Failure> {
+        let seg = SegmentId(segment);
+        let key = segment_key(topic, seg);
+        // One writer per segment at a time: the check and the append below are one step.
+        let gate = self.gate(seg);
+        let _held = gate.write().unwrap_or_else(|p| p.into_inner());
+        let count = self.data.entry_count(&key);
+        let end = position + payloads.len() as u64;
+        if position > count || end <= count {
+            return Ok(count);
+        }
+        let fresh: Vec<&[u8]> = payloads[(count - position) as usize..]
+            .iter()
+            .map(|p| p.as_slice())
+            .collect();
+        self.data
+            .batch_append(&key, &fresh)
+            .map_err(|e| format!("replica append failed: {e}"))?;
+        Ok(self.data.entry_count(&key))
+    }
+
+    /// Entries of `seg` held durably by a majority of its replicas (this node's own count
+    /// included): what readers may see.
+    fn quorum_length(&self, topic: &str, seg: &SegmentMeta) -> u64 {
+        let local = self.data.entry_count(&segment_key(topic, seg.id));
+        if seg.replicas.len() <= 1 || !self.cfg.quorum_acks {
+            return local;
+        }
+        let st = lock(&self.replication.state);
+        let theirs = st.lengths.get(&seg.id);
+        let mut all: Vec<u64> = seg
+            .replicas
+            .iter()
+            .map(|r| {
+                if *r == self.me() {
+                    local
+                } else {
+                    theirs.and_then(|m| m.get(r)).copied().unwrap_or(0)
+                }
+            })
+            .collect();
+        all.sort_unstable_by(|a, b| b.cmp(a));
+        let k = walrus_core::cluster::majority(all.len());
+        all.get(k.saturating_sub(1)).copied().unwrap_or(0)
     }
 
     fn gate(&self, seg: SegmentId) -> Arc<RwLock<bool>> {
@@ -563,7 +734,15 @@ impl Node {
         if seg.leader() != Some(self.me()) {
             return Err("not the segment leader".into());
         }
-        let count = self.data.entry_count(&segment_key(topic, seg.id));
+        let mut count = self.quorum_length(topic, &seg);
+        let local = self.data.entry_count(&segment_key(topic, seg.id));
+        if count < local {
+            // Replicas lag (or, after a restart, this node has not heard from them yet): push,
+            // and give a quorum a moment to answer.
+            let quorum = self.replicate(topic, &seg, local);
+            let _ = tokio::time::timeout(QUORUM_PROBE_WAIT, quorum).await;
+            count = self.quorum_length(topic, &seg);
+        }
         if count <= seg.committed {
             return Ok(());
         }
@@ -576,8 +755,25 @@ impl Node {
         self.propose(cmd).await.map(|_| ())
     }
 
+    /// Reads a planned range from the first replica that holds all of it (the leader first).
     async fn read_plan(&self, topic: &str, plan: &ReadPlan) -> Result<Vec<Vec<u8>>, Failure> {
-        let holder = *plan.replicas.first().ok_or("segment has no replica")?;
+        let mut last = String::from("segment has no replica");
+        for &holder in &plan.replicas {
+            match self.read_from_replica(topic, plan, holder).await {
+                Ok(entries) if entries.len() as u64 >= plan.count.min(1) => return Ok(entries),
+                Ok(_) => last = format!("replica {} does not hold the entries yet", holder.0),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn read_from_replica(
+        &self,
+        topic: &str,
+        plan: &ReadPlan,
+        holder: NodeId,
+    ) -> Result<Vec<Vec<u8>>, Failure> {
         if holder == self.me() {
             return self.read_local(topic, plan.segment.0, plan.position, plan.count);
         }
@@ -645,11 +841,7 @@ impl Node {
                 })
             })
             .collect();
-        let durability = if self.cfg.durable_acks {
-            "leader-fsync"
-        } else {
-            "none"
-        };
+        let durability = self.durability_name();
         Ok(json!({ "topic": topic, "cursor": t.cursor, "durability": durability, "segments": segments }).to_string())
     }
 
@@ -665,7 +857,7 @@ impl Node {
         });
         json!({
             "node_id": self.cfg.id,
-            "durability": if self.cfg.durable_acks { "leader-fsync" } else { "none" },
+            "durability": self.durability_name(),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "raft": {
                 "state": format!("{:?}", m.state),
@@ -689,6 +881,15 @@ impl Node {
             },
         })
         .to_string()
+    }
+
+    /// The durability level PUTs are acknowledged at (`STATE`, `METRICS`).
+    fn durability_name(&self) -> &'static str {
+        match (self.cfg.quorum_acks, self.cfg.durable_acks) {
+            (true, _) => "quorum-fsync",
+            (false, true) => "leader-fsync",
+            (false, false) => "none",
+        }
     }
 
     /// The request counters.
@@ -895,4 +1096,86 @@ impl Node {
 /// Name of a segment's topic in the local `walrus` engine: short, valid, unique per segment.
 pub fn segment_key(topic: &str, segment: SegmentId) -> String {
     format!("s{}-{:08x}", segment.0, crc32c::crc32c(topic.as_bytes()))
+}
+
+/// One replication push: brings one replica of a segment up to the length its leader wants,
+/// sending the entries it lacks from this node's store, round after round, until it has them
+/// all or cannot be reached.
+struct Push {
+    client: Option<Arc<RpcClient>>,
+    data: Arc<Walrus<NodeDisk>>,
+    repl: ReplicaLengths,
+    topic: String,
+    segment: SegmentId,
+    replica: NodeId,
+    timeout: Duration,
+}
+
+impl Push {
+    async fn run(self) {
+        // `rounds` leaves `pushing` itself when it is done; on an error this does.
+        if let Err(e) = self.rounds().await {
+            tracing::debug!(topic = %self.topic, replica = self.replica.0, error = %e, "replication push stopped");
+            lock(&self.repl.state)
+                .pushing
+                .remove(&(self.segment, self.replica));
+        }
+    }
+
+    async fn rounds(&self) -> Result<(), String> {
+        let client = self.client.as_ref().ok_or("no address for the replica")?;
+        let key = segment_key(&self.topic, self.segment);
+        loop {
+            let (from, target) = {
+                let mut st = lock(&self.repl.state);
+                let target = st.wanted.get(&self.segment).copied().unwrap_or(0);
+                let held = st
+                    .lengths
+                    .get(&self.segment)
+                    .and_then(|m| m.get(&self.replica))
+                    .copied()
+                    .unwrap_or(0);
+                if held >= target {
+                    // Done; leaving `pushing` under the same lock lets the next writer start a
+                    // new push.
+                    st.pushing.remove(&(self.segment, self.replica));
+                    return Ok(());
+                }
+                (held, target)
+            };
+            let want = (target - from).min(CATCH_UP_ENTRIES_MAX) as usize;
+            let payloads: Vec<Vec<u8>> = self
+                .data
+                .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
+                .map_err(|e| format!("reading the entries to send: {e}"))?
+                .into_iter()
+                .map(|e| e.data)
+                .collect();
+            let req = RpcRequest::Replicate {
+                topic: self.topic.clone(),
+                segment: self.segment.0,
+                position: from,
+                payloads,
+            };
+            let held = match client.call(&req, self.timeout).await {
+                Ok(RpcResponse::Replicate(Ok(n))) => n,
+                Ok(RpcResponse::Replicate(Err(e))) => return Err(e),
+                Ok(_) => return Err("mismatched rpc response".into()),
+                Err(e) => return Err(e.to_string()),
+            };
+            // The latest answer, even if lower (a replica that lost data must not count).
+            lock(&self.repl.state)
+                .lengths
+                .entry(self.segment)
+                .or_default()
+                .insert(self.replica, held);
+            self.repl.changed.notify_waiters();
+        }
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every update is one
+/// step).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -53,6 +53,17 @@ pub enum RpcRequest {
         /// Payloads, in order.
         payloads: Vec<Vec<u8>>,
     },
+    /// Segment leader → replica: store these entries of a segment at `position`.
+    Replicate {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+        /// Segment-relative position of the first entry.
+        position: u64,
+        /// The entries, in order.
+        payloads: Vec<Vec<u8>>,
+    },
     /// Read entries of a segment this node holds.
     Read {
         /// Topic.
@@ -99,6 +110,9 @@ pub enum RpcResponse {
     Join(Result<(), String>),
     /// The topic-wide offset of the first entry of a forwarded PUT batch.
     Put(Result<u64, String>),
+    /// Entries of the segment the replica now holds durably (fewer than asked: it lacks
+    /// entries before `position`, which the leader sends next).
+    Replicate(Result<u64, String>),
     /// Entries read.
     Read(Result<Vec<Vec<u8>>, String>),
     /// Result of a commit report.

@@ -248,6 +248,12 @@ async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
             let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
             RpcResponse::Put(node.put_batch(&topic, &refs, true).await)
         }
+        RpcRequest::Replicate {
+            topic,
+            segment,
+            position,
+            payloads,
+        } => RpcResponse::Replicate(node.store_replica(&topic, segment, position, &payloads)),
         RpcRequest::Read {
             topic,
             segment,

@@ -55,10 +55,15 @@ pub struct Args {
     /// Longest a client request may wait before it gets `ERR`, in milliseconds.
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub request_timeout_ms: u64,
-    /// When a PUT is acknowledged: `leader-fsync` (default: once the segment leader has
-    /// fsynced it) or `none` (once it is in the leader's page cache; lost on power failure).
-    #[arg(long, env = "WALRUS_DURABILITY", default_value = "leader-fsync", value_parser = ["leader-fsync", "none"])]
+    /// When a PUT is acknowledged: `quorum-fsync` (default: once a majority of the segment's
+    /// replicas have fsynced it), `leader-fsync` (once the segment leader has; the other
+    /// replicas follow in the background) or `none` (once it is in the leader's page cache;
+    /// lost on power failure).
+    #[arg(long, env = "WALRUS_DURABILITY", default_value = "quorum-fsync", value_parser = ["quorum-fsync", "leader-fsync", "none"])]
     pub durability: String,
+    /// Replicas per segment: each new segment gets `min(this, live nodes)`, placed round-robin.
+    #[arg(long, env = "WALRUS_REPLICATION_FACTOR", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub replication_factor: u64,
     /// Largest client frame accepted, in bytes.
     #[arg(long, default_value_t = walrus_core::wire::FRAME_LEN_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
@@ -109,7 +114,7 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     #[cfg(madsim)]
     let log = LogStore::open_on(disk.clone(), &args.data_dir.join("raft"));
     let log = log.map_err(|e| format!("cannot open the raft log: {e}"))?;
-    let sm = StateMachine::new(1);
+    let sm = StateMachine::new(args.replication_factor as usize);
     let config = Config {
         cluster_name: "walrus".into(),
         heartbeat_interval: 150,
@@ -138,7 +143,8 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         max_segment_entries: args.max_segment_entries,
         monitor_check: Duration::from_millis(args.monitor_check_ms),
         request_timeout: Duration::from_millis(args.request_timeout_ms),
-        durable_acks: args.durability == "leader-fsync",
+        durable_acks: args.durability != "none",
+        quorum_acks: args.durability == "quorum-fsync",
     };
     let node = Arc::new(
         Node::new(cfg, raft.clone(), sm, disk)

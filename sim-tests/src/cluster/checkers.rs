@@ -61,7 +61,63 @@ fn violation(checker: &str, detail: String) -> Result<(), Violation> {
     })
 }
 
+/// Acknowledged means durable on a majority of the segment's replicas (`quorum-fsync`): checked
+/// whenever every replica of the segment holding a topic's highest acknowledged offset runs
+/// (followers never shrink their copy, so this holds from the acknowledgement on).
+fn check_quorum(world: &World) -> Result<(), Violation> {
+    if world.cfg.replication_factor < 2 || world.cfg.planted != super::Planted::None {
+        return Ok(());
+    }
+    let highest = world.oracle.lock().unwrap().highest_acked();
+    let nodes: BTreeMap<u64, Arc<walrus_node::node::Node>> = running(world).into_iter().collect();
+    // The most up-to-date metadata among the running nodes.
+    let Some(any) = nodes
+        .values()
+        .max_by_key(|n| n.state_machine().read_applied(|idx, _| idx))
+    else {
+        return Ok(());
+    };
+    for (t, off) in highest {
+        let name = super::client::topic_name(t);
+        let seg = any.state_machine().read(|md| {
+            md.topic(&name).and_then(|tm| {
+                tm.segments
+                    .iter()
+                    .rev()
+                    .find(|s| s.base_offset <= off)
+                    // A lagging view may not know the segment that holds `off` yet.
+                    .filter(|s| s.sealed_entries().is_none_or(|n| off < s.base_offset + n))
+                    .map(|s| (s.id, s.base_offset, s.replicas.clone()))
+            })
+        });
+        let Some((id, base, replicas)) = seg else {
+            continue;
+        };
+        if replicas.len() < 2 || !replicas.iter().all(|r| nodes.contains_key(&r.0)) {
+            continue;
+        }
+        let holding = replicas
+            .iter()
+            .filter(|r| nodes[&r.0].local_entry_count(&name, id) > off - base)
+            .count();
+        let need = walrus_core::cluster::majority(replicas.len());
+        if holding < need {
+            return violation(
+                "acknowledged entries are durable on a majority of replicas",
+                format!(
+                    "{name} offset {off} (segment {}) is held by {holding} of replicas {:?}, \
+                     fewer than {need}",
+                    id.0,
+                    replicas.iter().map(|r| r.0).collect::<Vec<_>>()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn sample(world: &World) -> Result<(), Violation> {
+    check_quorum(world)?;
     let mut s = world.samples.lock().unwrap();
     let appends = walrus_node::sim::take_appends();
     for a in &appends {

@@ -74,6 +74,8 @@ pub struct ClusterConfig {
     pub payload_max: usize,
     /// Rollover limit (entries per segment).
     pub segment_entries: u64,
+    /// Replicas per segment (`--replication-factor`); PUTs wait for a quorum of them.
+    pub replication_factor: u64,
     /// Simulated seconds of the safety phase (faults on).
     pub safety_secs: u64,
     /// Mean simulated milliseconds between two faults.
@@ -117,10 +119,15 @@ impl ClusterConfig {
             fault_every_ms: r.range(1_000, 4_000),
             faults,
             planted,
+            replication_factor: [1, 3][r.below(2)],
         };
         if planted == Planted::AckBeforeFsync && !cfg.faults.contains(&ClusterFault::Kill) {
-            // Page-cache acknowledgements are only lost by a crash.
+            // Page-cache acknowledgements are only lost by a crash, and only if no other
+            // replica kept them.
             cfg.faults.push(ClusterFault::Kill);
+        }
+        if planted == Planted::AckBeforeFsync {
+            cfg.replication_factor = 1;
         }
         cfg
     }
@@ -131,7 +138,8 @@ impl fmt::Display for ClusterConfig {
         write!(
             f,
             "seed {}: {} nodes, {} topics, {} producers, {} consumers, payload {}..={} B, \
-             segment {} entries, safety {} s, a fault every ~{} ms of {:?}, planted {:?}",
+             segment {} entries, replication factor {}, safety {} s, a fault every ~{} ms of \
+             {:?}, planted {:?}",
             self.seed,
             self.nodes,
             self.topics,
@@ -140,6 +148,7 @@ impl fmt::Display for ClusterConfig {
             self.payload_min,
             self.payload_max,
             self.segment_entries,
+            self.replication_factor,
             self.safety_secs,
             self.fault_every_ms,
             self.faults,

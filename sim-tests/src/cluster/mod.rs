@@ -199,6 +199,7 @@ fn node_args(cfg: &ClusterConfig, i: usize) -> Args {
         format!("--client-host={ip}"),
         format!("--client-port={CLIENT_PORT}"),
         format!("--max-segment-entries={}", cfg.segment_entries),
+        format!("--replication-factor={}", cfg.replication_factor),
         "--monitor-check-ms=200".into(),
         "--request-timeout-ms=3000".into(),
     ];

@@ -39,6 +39,16 @@ impl Oracle {
         *self.gets_in_doubt.entry(topic).or_default() += 1;
     }
 
+    /// The highest acknowledged offset of each topic (by index).
+    pub fn highest_acked(&self) -> BTreeMap<usize, u64> {
+        let mut m = BTreeMap::new();
+        for &(t, _, _, off) in &self.acked {
+            let e = m.entry(t).or_insert(off);
+            *e = (*e).max(off);
+        }
+        m
+    }
+
     /// PUTs acknowledged so far.
     pub fn acked_count(&self) -> u64 {
         self.acked.len() as u64

@@ -119,25 +119,7 @@ fn child_seed() {
 
 /// Runs `seeds` two at a time (one process each); reports in seed order.
 fn run_many(seeds: std::ops::Range<u64>, planted: Planted) -> Vec<ClusterReport> {
-    let threads = 2u64;
-    let (lo, hi) = (seeds.start, seeds.end);
-    let mut out: Vec<ClusterReport> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (lo..hi)
-                        .filter(|x| x % threads == t)
-                        .map(|x| run_isolated(x, planted))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("a simulation thread panicked"))
-            .collect()
-    });
-    out.sort_by_key(|r| r.seed);
-    out
+    sim_tests::run_seeds(seeds, 2, |x| run_isolated(x, planted))
 }
 
 #[test]

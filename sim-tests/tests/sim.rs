@@ -46,25 +46,7 @@ fn judge(r: &RunReport) -> Option<String> {
 }
 
 fn run_many(seeds: std::ops::Range<u64>) -> Vec<RunReport> {
-    let threads = 2u64;
-    let (lo, hi) = (seeds.start, seeds.end);
-    let mut out: Vec<RunReport> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    (lo..hi)
-                        .filter(|x| x % threads == t)
-                        .map(|x| run_seed(x, Bug::None))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().expect("sim thread panicked"))
-            .collect()
-    });
-    out.sort_by_key(|r| r.seed);
-    out
+    sim_tests::run_seeds(seeds, 2, |x| run_seed(x, Bug::None))
 }
 
 #[test]

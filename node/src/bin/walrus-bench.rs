@@ -882,17 +882,23 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
     println!("## walrus-bench\n");
     println!("- machine: {nproc} CPUs, {}", cpu_model());
     println!("- mode: {mode}");
-    // The nodes inherit WALRUS_DURABILITY from this process.
-    let durability = std::env::var("WALRUS_DURABILITY").unwrap_or_else(|_| "leader-fsync".into());
-    let meaning = if durability == "none" {
-        "acknowledged once in the leader's page cache (no fsync)"
-    } else {
-        "the segment store fsyncs every append (group commit) before the reply"
+    // The nodes inherit WALRUS_DURABILITY and WALRUS_REPLICATION_FACTOR from this process
+    // (the node defaults: quorum-fsync, factor 3).
+    let durability = std::env::var("WALRUS_DURABILITY").unwrap_or_else(|_| "quorum-fsync".into());
+    let factor: u64 = std::env::var("WALRUS_REPLICATION_FACTOR")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .min(args.nodes as u64)
+        .max(1);
+    let meaning = match durability.as_str() {
+        "none" => "acknowledged once in the leader's page cache (no fsync)",
+        "leader-fsync" => "acknowledged once the segment leader has fsynced (group commit)",
+        _ => "acknowledged once a majority of the segment's replicas have fsynced",
     };
     println!(
-        "- durability: **{durability}** — {meaning}; segment data lives on the segment leader \
-         only (replication factor 1); topic metadata and the GET cursor go through Raft \
-         (fsynced log, majority of {})",
+        "- durability: **{durability}** — {meaning}; {factor} replica(s) per segment; topic \
+         metadata and the GET cursor go through Raft (fsynced log, majority of {})",
         args.nodes
     );
     println!(

@@ -555,3 +555,81 @@ fn resilience_a_killed_node_does_not_stop_other_topics_and_rejoins() {
         );
     }
 }
+
+/// The leader of the open segment of `topic`, from `STATE`.
+fn open_leader(c: &mut Client, topic: &str) -> u64 {
+    let state =
+        String::from_utf8(ok(eventually(c, format!("STATE {topic}").as_bytes())).unwrap()).unwrap();
+    state
+        .rsplit("\"leader\":")
+        .next()
+        .unwrap()
+        .split(|ch: char| !ch.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn replication_quorum_writes_survive_one_follower_down_and_refuse_with_two_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(tmp.path(), &[]);
+    let mut c = nodes[0].client();
+    assert_eq!(eventually(&mut c, b"REGISTER rep"), Reply::Ok(None));
+    let mut acked: Vec<Vec<u8>> = Vec::new();
+    for i in 0..10 {
+        let p = format!("a{i}").into_bytes();
+        ok(eventually(&mut c, &[b"PUT rep ".as_slice(), &p].concat()));
+        acked.push(p);
+    }
+    let state = String::from_utf8(ok(eventually(&mut c, b"STATE rep")).unwrap()).unwrap();
+    assert!(state.contains("\"durability\":\"quorum-fsync\""), "{state}");
+    let leader = open_leader(&mut c, "rep");
+    let replicas_part = state.rsplit("\"replicas\":[").next().unwrap();
+    let replicas = replicas_part.split(']').next().unwrap();
+    assert_eq!(replicas.split(',').count(), 3, "{state}");
+    // One follower down: a majority (leader + the other follower) still acknowledges.
+    let followers: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    nodes[followers[0] as usize - 1].kill();
+    let mut cl = nodes[leader as usize - 1].client();
+    for i in 0..20 {
+        let p = format!("b{i}").into_bytes();
+        let r = eventually(&mut cl, &[b"PUT rep ".as_slice(), &p].concat());
+        assert!(
+            matches!(r, Reply::Ok(_)),
+            "write {i} with one follower down: {r:?}"
+        );
+        acked.push(p);
+    }
+    // Two down: no quorum (for the data, and for the metadata): `ERR`, never a hang.
+    nodes[followers[1] as usize - 1].kill();
+    let started = Instant::now();
+    let r = put(&mut cl, "rep", b"c0");
+    assert!(
+        matches!(r, Reply::Err(_)),
+        "a write with two of three down: {r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the refused write took {:?}",
+        started.elapsed()
+    );
+    // Both back: every acknowledged entry is still there, in order (the refused one may or
+    // may not be kept).
+    nodes[followers[0] as usize - 1].restart();
+    nodes[followers[1] as usize - 1].restart();
+    let mut c = nodes[followers[0] as usize - 1].client();
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // `Empty` for a moment is allowed while the restarted nodes catch up; bounded.
+    while got.len() < acked.len() && Instant::now() < deadline {
+        got.extend(
+            drain(&mut c, "rep", 100)
+                .into_iter()
+                .filter(|p| p.as_slice() != b"c0"),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(got, acked);
+}

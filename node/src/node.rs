@@ -105,6 +105,10 @@ struct Replication {
     state: Mutex<ReplicationState>,
     /// Woken whenever a replica reports a length.
     changed: tokio::sync::Notify,
+    /// Replication rounds sent to replicas (`METRICS`).
+    pushes: AtomicU64,
+    /// Entries those rounds carried: new writes and catch-up (`METRICS`).
+    entries_sent: AtomicU64,
 }
 
 #[derive(Default)]
@@ -838,6 +842,7 @@ impl Node {
                     "base_offset": s.base_offset,
                     "entry_count": entries,
                     "committed": s.committed,
+                    "lagging_replicas": self.lagging_replicas(topic, s),
                 })
             })
             .collect();
@@ -876,11 +881,33 @@ impl Node {
                 "gets_empty": c.gets_empty.load(Ordering::Relaxed),
                 "errors": c.errors.load(Ordering::Relaxed),
                 "seals": c.seals.load(Ordering::Relaxed),
+                "replica_pushes": self.replication.pushes.load(Ordering::Relaxed),
+                "replica_entries_sent": self.replication.entries_sent.load(Ordering::Relaxed),
                 "rpc_connections": c.rpc_connections.load(Ordering::Relaxed),
                 "rpc_in_flight": c.rpc_in_flight.load(Ordering::Relaxed),
             },
         })
         .to_string()
+    }
+
+    /// `STATE`: the replicas of `seg` that last reported fewer entries than this node holds;
+    /// known only on the segment's leader (`null` elsewhere). A segment with any is
+    /// under-replicated.
+    fn lagging_replicas(&self, topic: &str, seg: &SegmentMeta) -> Option<Vec<u64>> {
+        if seg.leader() != Some(self.me()) {
+            return None;
+        }
+        let local = self.data.entry_count(&segment_key(topic, seg.id));
+        let st = lock(&self.replication.state);
+        let theirs = st.lengths.get(&seg.id);
+        Some(
+            seg.replicas
+                .iter()
+                .filter(|&&r| r != self.me())
+                .filter(|r| theirs.and_then(|m| m.get(r)).copied().unwrap_or(0) < local)
+                .map(|r| r.0)
+                .collect(),
+        )
     }
 
     /// The durability level PUTs are acknowledged at (`STATE`, `METRICS`).
@@ -1151,6 +1178,10 @@ impl Push {
                 .into_iter()
                 .map(|e| e.data)
                 .collect();
+            self.repl.pushes.fetch_add(1, Ordering::Relaxed);
+            self.repl
+                .entries_sent
+                .fetch_add(payloads.len() as u64, Ordering::Relaxed);
             let req = RpcRequest::Replicate {
                 topic: self.topic.clone(),
                 segment: self.segment.0,

@@ -602,6 +602,14 @@ fn replication_quorum_writes_survive_one_follower_down_and_refuse_with_two_down(
         );
         acked.push(p);
     }
+    // The leader's STATE names the dead follower as lagging; METRICS counts the pushes.
+    let state = String::from_utf8(ok(eventually(&mut cl, b"STATE rep")).unwrap()).unwrap();
+    assert!(
+        state.contains(&format!("\"lagging_replicas\":[{}]", followers[0])),
+        "{state}"
+    );
+    let metrics = String::from_utf8(ok(eventually(&mut cl, b"METRICS")).unwrap()).unwrap();
+    assert!(!metrics.contains("\"replica_pushes\":0"), "{metrics}");
     // Two down: no quorum (for the data, and for the metadata): `ERR`, never a hang.
     nodes[followers[1] as usize - 1].kill();
     let started = Instant::now();

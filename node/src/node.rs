@@ -121,6 +121,17 @@ struct ReplicationState {
     pushing: BTreeSet<(SegmentId, NodeId)>,
 }
 
+impl ReplicationState {
+    /// Entries `replica` last reported holding of `seg` (0 if it never answered).
+    fn length(&self, seg: SegmentId, replica: NodeId) -> u64 {
+        self.lengths
+            .get(&seg)
+            .and_then(|m| m.get(&replica))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 type ReplicaLengths = Arc<Replication>;
 
 /// How long a commit report waits for lagging replicas to answer a push.
@@ -458,12 +469,7 @@ impl Node {
                 changed.as_mut().enable();
                 let holding = {
                     let st = lock(&repl.state);
-                    st.lengths.get(&id).map_or(0, |m| {
-                        others
-                            .iter()
-                            .filter(|r| m.get(r).is_some_and(|&n| n >= end))
-                            .count()
-                    })
+                    others.iter().filter(|&&r| st.length(id, r) >= end).count()
                 };
                 if holding >= need {
                     return true;
@@ -489,8 +495,8 @@ impl Node {
         let gate = self.gate(seg);
         let _held = gate.write().unwrap_or_else(|p| p.into_inner());
         let count = self.data.entry_count(&key);
-        let end = position + payloads.len() as u64;
-        if position > count || end <= count {
+        // `position` comes off the network: compare before adding, so nothing can overflow.
+        if position > count || payloads.len() as u64 <= count - position {
             return Ok(count);
         }
         let fresh: Vec<&[u8]> = payloads[(count - position) as usize..]
@@ -511,15 +517,14 @@ impl Node {
             return local;
         }
         let st = lock(&self.replication.state);
-        let theirs = st.lengths.get(&seg.id);
         let mut all: Vec<u64> = seg
             .replicas
             .iter()
-            .map(|r| {
-                if *r == self.me() {
+            .map(|&r| {
+                if r == self.me() {
                     local
                 } else {
-                    theirs.and_then(|m| m.get(r)).copied().unwrap_or(0)
+                    st.length(seg.id, r)
                 }
             })
             .collect();
@@ -899,12 +904,11 @@ impl Node {
         }
         let local = self.data.entry_count(&segment_key(topic, seg.id));
         let st = lock(&self.replication.state);
-        let theirs = st.lengths.get(&seg.id);
         Some(
             seg.replicas
                 .iter()
                 .filter(|&&r| r != self.me())
-                .filter(|r| theirs.and_then(|m| m.get(r)).copied().unwrap_or(0) < local)
+                .filter(|&&r| st.length(seg.id, r) < local)
                 .map(|r| r.0)
                 .collect(),
         )
@@ -1156,12 +1160,7 @@ impl Push {
             let (from, target) = {
                 let mut st = lock(&self.repl.state);
                 let target = st.wanted.get(&self.segment).copied().unwrap_or(0);
-                let held = st
-                    .lengths
-                    .get(&self.segment)
-                    .and_then(|m| m.get(&self.replica))
-                    .copied()
-                    .unwrap_or(0);
+                let held = st.length(self.segment, self.replica);
                 if held >= target {
                     // Done; leaving `pushing` under the same lock lets the next writer start a
                     // new push.
@@ -1178,6 +1177,11 @@ impl Push {
                 .into_iter()
                 .map(|e| e.data)
                 .collect();
+            if payloads.is_empty() {
+                // Nothing here to send (this store is shorter than the target): no round can
+                // make progress, so stop instead of spinning.
+                return Err(format!("no entries at position {from} to send"));
+            }
             self.repl.pushes.fetch_add(1, Ordering::Relaxed);
             self.repl
                 .entries_sent

@@ -1,10 +1,8 @@
 //! The node: wires the metadata Raft group (`meta`), the local segment store (a `walrus`
 //! engine), peers (`rpc`) and the client commands together. Decisions about metadata live in
 //! `walrus_core::cluster`; this file only routes requests, waits (always with a deadline) and
-//! runs the background loops (commit reports, rollover monitor, failure detector).
-//!
-//! Data placement in this version: a segment's entries live on its leader only (replica set of
-//! one), as upstream; the data-replication issue adds followers.
+//! runs the background loops (commit reports, rollover monitor, failure detector, failover of
+//! segments whose leader's lease lapsed, repair of replicas that lack sealed entries).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -20,7 +18,8 @@ use crate::NodeDisk;
 use walrus_core::cluster::cursor::{next_shared_read, ReadPlan};
 use walrus_core::cluster::lease::{may_append, Lease, LeaseConfig, LeaseTable};
 use walrus_core::cluster::metadata::{Command, Outcome, SegmentMeta, TopicMeta};
-use walrus_core::cluster::{Epoch, NodeId, SegmentId, SegmentRef};
+use walrus_core::cluster::recovery::{Phase, Recovery, RecoveryInput};
+use walrus_core::cluster::{Effect, Epoch, NodeId, PeerMsg, SegmentId, SegmentRef};
 
 use crate::meta::{MetaResponse, Raft, StateMachine};
 use crate::rpc::{Peers, RpcClient, RpcRequest, RpcResponse};
@@ -37,6 +36,19 @@ const LEASE_RENEW_INTERVAL: Duration = Duration::from_millis(100);
 const GET_ATTEMPTS_MAX: u32 = 64;
 /// Longest a lease grant waits to confirm leadership and apply what is committed.
 const LEASE_GRANT_CONFIRM_MAX: Duration = Duration::from_millis(500);
+/// Period of the failover loop on the metadata leader.
+const FAILOVER_TICK: Duration = Duration::from_millis(50);
+/// Failover ticks between retransmissions of what a recovery waits for.
+const RECOVERY_RESEND_TICKS: u32 = 10;
+/// Failover ticks after which a recovery that sealed its segment stops driving the replicas
+/// that have not caught up; the repair loop finishes them when they return.
+const RECOVERY_SEALING_TICKS_MAX: u32 = 400;
+/// Longest one recovery message (fence or seal) may take.
+const RECOVERY_RPC_TIMEOUT: Duration = Duration::from_millis(500);
+/// Period of the repair loop (replicas fetching sealed entries they lack).
+const REPAIR_INTERVAL: Duration = Duration::from_millis(500);
+/// The error a replica answers a write of an epoch a recovery has fenced.
+pub const FENCED: &str = "segment fenced by a failover";
 
 /// Settings of one node.
 #[derive(Debug, Clone)]
@@ -61,6 +73,8 @@ pub struct NodeConfig {
     /// Whether a PUT also waits until a majority of its segment's replicas hold it durably
     /// (`quorum-fsync`). Otherwise replicas are brought up to date in the background.
     pub quorum_acks: bool,
+    /// Segment-leader lease length (the failover timing derives from it).
+    pub lease_ms: u64,
 }
 
 /// Counters reported by `METRICS`.
@@ -72,6 +86,12 @@ pub struct Counters {
     gets_empty: AtomicU64,
     errors: AtomicU64,
     seals: AtomicU64,
+    /// Segments this node recovered (as metadata leader) after their leader's lease lapsed.
+    failovers: AtomicU64,
+    /// Sealed segments this node brought up to their sealed count from another replica.
+    repairs: AtomicU64,
+    /// Entries fetched for those repairs.
+    repaired_entries: AtomicU64,
     /// Peer connections the RPC server holds open now.
     pub rpc_connections: AtomicU64,
     /// Peer requests being handled now.
@@ -92,10 +112,25 @@ pub struct Node {
     /// Leases this node holds, per segment it leads.
     leases: Mutex<HashMap<SegmentId, Lease>>,
     /// Grants this node handed out while it was the metadata leader.
-    grants: Mutex<LeaseTable>,
+    grants: Mutex<Grants>,
     lease_cfg: LeaseConfig,
     /// Segment leader side of replication.
     replication: ReplicaLengths,
+    /// Per segment: the highest recovery epoch that fenced it here. Writes of older epochs are
+    /// refused, and a leader fenced here stops renewing its lease.
+    fences: Arc<Mutex<HashMap<SegmentId, u64>>>,
+    /// Sealed segments with a repair (fetching missing entries) running.
+    repairing: Mutex<BTreeSet<SegmentId>>,
+    /// Sealed segments this node holds in full (the repair loop skips them).
+    complete: Mutex<BTreeSet<SegmentId>>,
+}
+
+/// The metadata leader's side of leases: grants, and the segments being recovered (which get
+/// no more grants).
+#[derive(Default)]
+struct Grants {
+    table: LeaseTable,
+    recovering: BTreeSet<SegmentId>,
 }
 
 /// Segment leader side of replication: what each replica holds, how far they should get, and
@@ -166,6 +201,7 @@ impl Node {
             .reclaim_consumed(false)
             .inline_commit(crate::INLINE_COMMIT)
             .build_on(disk)?;
+        let lease_cfg = LeaseConfig::for_lease(cfg.lease_ms);
         Ok(Node {
             cfg,
             raft,
@@ -176,9 +212,12 @@ impl Node {
             counters: Counters::default(),
             started: Instant::now(),
             leases: Mutex::new(HashMap::new()),
-            grants: Mutex::new(LeaseTable::new()),
-            lease_cfg: LeaseConfig::default(),
+            grants: Mutex::default(),
+            lease_cfg,
             replication: Arc::default(),
+            fences: Arc::default(),
+            repairing: Mutex::default(),
+            complete: Mutex::default(),
         })
     }
 
@@ -377,6 +416,14 @@ impl Node {
                                 }
                             }
                         }
+                        // Acknowledge only under a live lease: once it runs out, a failover
+                        // may seal the segment without this write (it waits out the lease
+                        // before collecting the replicas' lengths).
+                        if !self.holds_lease(&seg) {
+                            return Err("the segment leader's lease ended before the write was \
+                                        acknowledged; it may or may not be kept"
+                                .into());
+                        }
                         return Ok(offset);
                     }
                     // Sealing: wait for the next segment to open.
@@ -455,8 +502,10 @@ impl Node {
                 repl: self.replication.clone(),
                 topic: topic.to_string(),
                 segment: seg.id,
+                epoch: seg.epoch,
                 replica: r,
                 timeout: self.cfg.request_timeout,
+                fences: self.fences.clone(),
             };
             tokio::spawn(push.run());
         }
@@ -486,14 +535,38 @@ impl Node {
         &self,
         topic: &str,
         segment: u64,
+        epoch: u64,
         position: u64,
         payloads: &[Vec<u8>],
     ) -> Result<u64, Failure> {
         let seg = SegmentId(segment);
-        let key = segment_key(topic, seg);
-        // One writer per segment at a time: the check and the append below are one step.
+        // One writer per segment at a time: the check and the append below are one step, and a
+        // fence (which takes the same lock) sees either all of it or none.
         let gate = self.gate(seg);
         let _held = gate.write().unwrap_or_else(|p| p.into_inner());
+        // Fenced by a recovery here, or (durably, through Raft) recovered at a newer epoch.
+        let recovered = self.sm.read(|m| {
+            m.topic(topic)
+                .and_then(|t| t.segments.iter().rev().find(|s| s.id == seg))
+                .is_some_and(|s| s.epoch.0 > epoch)
+        });
+        if recovered || self.fenced_past(seg, epoch) {
+            return Err(FENCED.into());
+        }
+        self.append_at(topic, seg, position, payloads)
+    }
+
+    /// Appends `payloads` (entries `position..` of the segment) after the entries held here,
+    /// skipping those already held; the caller holds the segment's gate exclusively. Returns
+    /// the entries now held.
+    fn append_at(
+        &self,
+        topic: &str,
+        seg: SegmentId,
+        position: u64,
+        payloads: &[Vec<u8>],
+    ) -> Result<u64, Failure> {
+        let key = segment_key(topic, seg);
         let count = self.data.entry_count(&key);
         // `position` comes off the network: compare before adding, so nothing can overflow.
         if position > count || payloads.len() as u64 <= count - position {
@@ -531,6 +604,120 @@ impl Node {
         all.sort_unstable_by(|a, b| b.cmp(a));
         let k = walrus_core::cluster::majority(all.len());
         all.get(k.saturating_sub(1)).copied().unwrap_or(0)
+    }
+
+    /// Whether a recovery fenced `seg` here at an epoch past `epoch`.
+    fn fenced_past(&self, seg: SegmentId, epoch: u64) -> bool {
+        lock(&self.fences).get(&seg).is_some_and(|&f| f > epoch)
+    }
+
+    /// Whether this node holds an unexpired lease on `seg` at its epoch and no recovery has
+    /// fenced it.
+    fn holds_lease(&self, seg: &SegmentMeta) -> bool {
+        let lease = lock(&self.leases).get(&seg.id).copied();
+        lease.is_some_and(|l| l.epoch == seg.epoch && l.is_valid(self.now_ms()))
+            && !self.fenced_past(seg.id, seg.epoch.0)
+    }
+
+    /// Replica side of a recovery's fence: from now on refuse writes to `segment` of epochs
+    /// below `epoch` (as leader or replica), and answer with the entries held durably. The
+    /// count is taken under the segment's gate, so no write of the old epoch lands after it.
+    pub fn fence(&self, topic: &str, segment: u64, epoch: u64) -> u64 {
+        let seg = SegmentId(segment);
+        {
+            let mut fences = lock(&self.fences);
+            let f = fences.entry(seg).or_default();
+            *f = (*f).max(epoch);
+        }
+        let gate = self.gate(seg);
+        let _held = gate.write().unwrap_or_else(|p| p.into_inner());
+        tracing::info!(topic, segment, epoch, "segment fenced for recovery");
+        self.data.entry_count(&segment_key(topic, seg))
+    }
+
+    /// Replica side of a recovery's seal: answers with the entries held, and if that is short
+    /// of the sealed count `len`, starts fetching the rest from `donor` (then the other
+    /// replicas).
+    pub fn seal_at(self: &Arc<Self>, topic: &str, segment: u64, len: u64, donor: u64) -> u64 {
+        let seg = SegmentId(segment);
+        let held = self.local_entry_count(topic, seg);
+        if held < len {
+            let mut sources = vec![NodeId(donor)];
+            let others = self.sm.read(|m| {
+                m.topic(topic)
+                    .and_then(|t| t.segments.iter().rev().find(|s| s.id == seg))
+                    .map(|s| s.replicas.clone())
+                    .unwrap_or_default()
+            });
+            sources.extend(others.into_iter().filter(|&r| r != NodeId(donor)));
+            self.spawn_repair(topic, seg, len, sources);
+        }
+        held
+    }
+
+    /// Starts fetching entries `held..len` of a sealed segment from `sources` (in order),
+    /// unless a fetch for it is already running.
+    fn spawn_repair(self: &Arc<Self>, topic: &str, seg: SegmentId, len: u64, sources: Vec<NodeId>) {
+        if !lock(&self.repairing).insert(seg) {
+            return;
+        }
+        let node = self.clone();
+        let topic = topic.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = node.repair(&topic, seg, len, &sources).await {
+                tracing::debug!(%topic, segment = seg.0, error = %e, "repair stopped; retried later");
+            }
+            lock(&node.repairing).remove(&seg);
+        });
+    }
+
+    /// Fetches the entries of a sealed segment this replica lacks, up to `len`, round by round.
+    async fn repair(
+        &self,
+        topic: &str,
+        seg: SegmentId,
+        len: u64,
+        sources: &[NodeId],
+    ) -> Result<(), Failure> {
+        let mut fetched = 0u64;
+        'rounds: loop {
+            let held = self.local_entry_count(topic, seg);
+            if held >= len {
+                if fetched > 0 {
+                    self.counters.repairs.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(topic, segment = seg.0, len, fetched, "replica repaired");
+                }
+                lock(&self.complete).insert(seg);
+                return Ok(());
+            }
+            let plan = ReadPlan {
+                segment: seg,
+                replicas: Vec::new(),
+                sealed: true,
+                first_offset: 0,
+                position: held,
+                count: (len - held).min(CATCH_UP_ENTRIES_MAX),
+            };
+            let mut last = String::from("no replica to fetch from");
+            for &src in sources.iter().filter(|&&r| r != self.me()) {
+                match self.read_from_replica(topic, &plan, src).await {
+                    Ok(entries) if !entries.is_empty() => {
+                        let n = entries.len() as u64;
+                        let gate = self.gate(seg);
+                        let _held = gate.write().unwrap_or_else(|p| p.into_inner());
+                        self.append_at(topic, seg, held, &entries)?;
+                        fetched += n;
+                        self.counters
+                            .repaired_entries
+                            .fetch_add(n, Ordering::Relaxed);
+                        continue 'rounds;
+                    }
+                    Ok(_) => last = format!("replica {} lacks position {held}", src.0),
+                    Err(e) => last = e,
+                }
+            }
+            return Err(last);
+        }
     }
 
     fn gate(&self, seg: SegmentId) -> Arc<RwLock<bool>> {
@@ -576,7 +763,9 @@ impl Node {
         let key = segment_key(topic, seg.id);
         let position = {
             let frozen = gate.read().unwrap_or_else(|p| p.into_inner());
-            if *frozen {
+            // Closed for a seal, or fenced by a failover (which will seal it and open the next
+            // segment elsewhere; the caller then follows the metadata there).
+            if *frozen || self.fenced_past(seg.id, seg.epoch.0) {
                 return Ok(None);
             }
             // A full segment takes nothing more, even if the gate is open: after a restart the
@@ -630,6 +819,16 @@ impl Node {
         let gate = self.gate(seg.id);
         *gate.write().unwrap_or_else(|p| p.into_inner()) = true;
         let entries = self.data.entry_count(&segment_key(topic, seg.id));
+        if self.quorum_length(topic, seg) < entries {
+            // Seal only what a majority holds: a PUT still waiting for its quorum may yet be
+            // acknowledged, and a sealed entry on this node alone would be unreadable if it
+            // failed.
+            let quorum = self.replicate(topic, seg, entries);
+            let _ = tokio::time::timeout(QUORUM_PROBE_WAIT, quorum).await;
+            if self.quorum_length(topic, seg) < entries {
+                return Err("replicas lag the segment; seal retried".into());
+            }
+        }
         let cmd = Command::Seal {
             topic: topic.to_string(),
             segment: seg.id,
@@ -886,6 +1085,9 @@ impl Node {
                 "gets_empty": c.gets_empty.load(Ordering::Relaxed),
                 "errors": c.errors.load(Ordering::Relaxed),
                 "seals": c.seals.load(Ordering::Relaxed),
+                "failovers": c.failovers.load(Ordering::Relaxed),
+                "re_replications": c.repairs.load(Ordering::Relaxed),
+                "re_replicated_entries": c.repaired_entries.load(Ordering::Relaxed),
                 "replica_pushes": self.replication.pushes.load(Ordering::Relaxed),
                 "replica_entries_sent": self.replication.entries_sent.load(Ordering::Relaxed),
                 "rpc_connections": c.rpc_connections.load(Ordering::Relaxed),
@@ -978,6 +1180,10 @@ impl Node {
                 last_full_scan = Instant::now();
             }
             for (topic, seg) in self.led_open_segments() {
+                if self.fenced_past(seg.id, seg.epoch.0) {
+                    // A failover is sealing it.
+                    continue;
+                }
                 let closed = *self.gate(seg.id).read().unwrap_or_else(|p| p.into_inner());
                 let full = full_scan
                     && self.data.entry_count(&segment_key(&topic, seg.id))
@@ -1028,9 +1234,13 @@ impl Node {
             segment: SegmentId(segment),
         };
         let now = self.now_ms();
-        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let mut grants = lock(&self.grants);
+        if grants.recovering.contains(&seg.segment) {
+            return Err("the segment is being recovered".into());
+        }
+        let Grants { table, .. } = &mut *grants;
         self.sm
-            .read(|m| grants.grant(m, NodeId(holder), &seg, Epoch(epoch), now))
+            .read(|m| table.grant(m, NodeId(holder), &seg, Epoch(epoch), now))
             .map_err(|e| e.to_string())
     }
 
@@ -1039,6 +1249,11 @@ impl Node {
     pub async fn lease_loop(self: Arc<Self>) {
         loop {
             for (topic, seg) in self.led_open_segments() {
+                if self.fenced_past(seg.id, seg.epoch.0) {
+                    // Fenced by a failover: let the lease run out so that the recovery (or a
+                    // new metadata leader's) can finish.
+                    continue;
+                }
                 let requested_at = self.now_ms();
                 let leader = self.raft.metrics().borrow().current_leader;
                 let granted = match leader {
@@ -1124,6 +1339,239 @@ impl Node {
     }
 }
 
+/// A recovery the failover loop drives, and how long it has been at it.
+struct Driving {
+    rec: Recovery,
+    ticks: u32,
+}
+
+impl Node {
+    /// Failover, active on the metadata leader: a segment whose leader has not renewed its
+    /// lease for the detection timeout (the lease plus the clock-drift bound and a margin, so
+    /// the old lease has run out on the leader's own clock) is recovered with
+    /// `core::cluster::recovery::Recovery`: fence the replicas at the next epoch, take the
+    /// longest length of a fenced majority (it holds every acknowledged entry), propose
+    /// `Recover` (seal there, open the next segment on a live node), then bring the replicas
+    /// up to the seal.
+    ///
+    /// A new term of metadata leadership starts with every open segment counted as granted
+    /// at that moment: grants made by a predecessor are unknown here.
+    pub async fn failover_loop(self: Arc<Self>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(SegmentRef, RecoveryInput)>();
+        let mut led_term: Option<u64> = None;
+        let mut driving: BTreeMap<SegmentRef, Driving> = BTreeMap::new();
+        loop {
+            tokio::time::sleep(FAILOVER_TICK).await;
+            let (leader, term) = {
+                let m = self.raft.metrics().borrow().clone();
+                (m.current_leader, m.current_term)
+            };
+            if leader != Some(self.cfg.id) {
+                if led_term.take().is_some() {
+                    driving.clear();
+                    *lock(&self.grants) = Grants::default();
+                }
+                continue;
+            }
+            if led_term != Some(term) {
+                led_term = Some(term);
+                driving.clear();
+                *lock(&self.grants) = Grants::default();
+                while rx.try_recv().is_ok() {}
+            }
+            let now = self.now_ms();
+            let open: Vec<(SegmentRef, SegmentMeta)> = self.sm.read(|m| {
+                m.topics()
+                    .iter()
+                    .filter_map(|(name, t)| {
+                        t.open_segment().map(|s| {
+                            let r = SegmentRef {
+                                topic: name.clone(),
+                                segment: s.id,
+                            };
+                            (r, s.clone())
+                        })
+                    })
+                    .collect()
+            });
+            let mut out = Vec::new();
+            {
+                let mut g = lock(&self.grants);
+                let open_ids: BTreeSet<SegmentId> = open.iter().map(|(_, s)| s.id).collect();
+                g.recovering.retain(|id| open_ids.contains(id));
+                for (r, s) in &open {
+                    let holder = s.leader().unwrap_or_default();
+                    if !g.table.knows(r) {
+                        g.table.assume_granted(r, holder, s.epoch, now);
+                        continue;
+                    }
+                    if driving.contains_key(r)
+                        || !g.table.may_choose_successor(r, now, &self.lease_cfg)
+                    {
+                        continue;
+                    }
+                    let mut effects = Vec::new();
+                    if let Some(rec) =
+                        Recovery::start(self.me(), r.clone(), s.epoch, &s.replicas, &mut effects)
+                    {
+                        tracing::warn!(topic = %r.topic, segment = r.segment.0, leader = holder.0,
+                            epoch = s.epoch.0, "segment leader's lease lapsed; failing over");
+                        g.recovering.insert(s.id);
+                        out.extend(effects.into_iter().map(|e| (r.clone(), e)));
+                        driving.insert(r.clone(), Driving { rec, ticks: 0 });
+                    }
+                }
+            }
+            // Answers that came back, and what the metadata now says.
+            while let Ok((r, input)) = rx.try_recv() {
+                if let Some(d) = driving.get_mut(&r) {
+                    let mut effects = Vec::new();
+                    d.rec.handle(input, &mut effects);
+                    out.extend(effects.into_iter().map(|e| (r.clone(), e)));
+                }
+            }
+            driving.retain(|r, d| {
+                d.ticks += 1;
+                let sealed = self.sm.read(|m| {
+                    m.topic(&r.topic)
+                        .and_then(|t| t.segments.iter().rev().find(|s| s.id == r.segment))
+                        .map(|s| s.sealed_entries())
+                });
+                let mut effects = Vec::new();
+                match sealed {
+                    // The topic (or segment) is gone.
+                    None => return false,
+                    Some(Some(entries)) => d
+                        .rec
+                        .handle(RecoveryInput::SegmentSealed { entries }, &mut effects),
+                    Some(None) => {}
+                }
+                if d.ticks % RECOVERY_RESEND_TICKS == 0 {
+                    d.rec.handle(RecoveryInput::Tick, &mut effects);
+                }
+                out.extend(effects.into_iter().map(|e| (r.clone(), e)));
+                match d.rec.phase() {
+                    Phase::Done { len } => {
+                        tracing::info!(topic = %r.topic, segment = r.segment.0, len, "recovery done: every replica holds the seal");
+                        false
+                    }
+                    Phase::Sealing { .. } => d.ticks < RECOVERY_SEALING_TICKS_MAX,
+                    _ => true,
+                }
+            });
+            for (r, effect) in out {
+                self.run_recovery_effect(r, effect, tx.clone());
+            }
+        }
+    }
+
+    /// Carries out one effect of a recovery in its own task; answers come back on `tx`.
+    fn run_recovery_effect(
+        self: &Arc<Self>,
+        r: SegmentRef,
+        effect: Effect,
+        tx: tokio::sync::mpsc::UnboundedSender<(SegmentRef, RecoveryInput)>,
+    ) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            match effect {
+                Effect::Propose(cmd) => match node.propose(cmd).await {
+                    Ok(Outcome::Recovered {
+                        epoch,
+                        next,
+                        leader,
+                    }) => {
+                        node.counters.failovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(topic = %r.topic, segment = r.segment.0, epoch = epoch.0,
+                            next = next.0, leader = leader.0, "segment recovered; next segment opened");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(topic = %r.topic, segment = r.segment.0, error = %e, "recover proposal failed")
+                    }
+                },
+                Effect::Send { to, msg } => {
+                    let Some(addr) = node.addr_of(to) else {
+                        return;
+                    };
+                    let req = match &msg {
+                        PeerMsg::Fence { epoch, .. } => RpcRequest::Fence {
+                            topic: r.topic.clone(),
+                            segment: r.segment.0,
+                            epoch: epoch.0,
+                        },
+                        PeerMsg::SealAt { len, donor, .. } => RpcRequest::SealAt {
+                            topic: r.topic.clone(),
+                            segment: r.segment.0,
+                            len: *len,
+                            donor: donor.0,
+                        },
+                        _ => return,
+                    };
+                    let answer = node.peers.get(&addr).call(&req, RECOVERY_RPC_TIMEOUT).await;
+                    let input = match (answer, msg) {
+                        (Ok(RpcResponse::Fence(Ok(len))), PeerMsg::Fence { seg, epoch, .. }) => {
+                            PeerMsg::FenceAck {
+                                seg,
+                                epoch,
+                                from: to,
+                                len,
+                            }
+                        }
+                        (
+                            Ok(RpcResponse::SealAt(Ok(held))),
+                            PeerMsg::SealAt {
+                                seg, epoch, len, ..
+                            },
+                        ) if held >= len => PeerMsg::SealDone {
+                            seg,
+                            epoch,
+                            from: to,
+                            len,
+                        },
+                        _ => return,
+                    };
+                    let _ = tx.send((r, RecoveryInput::Peer(input)));
+                }
+                _ => {}
+            }
+        });
+    }
+
+    /// Every node: fetches the entries it lacks of sealed segments it is a replica of (after a
+    /// restart, a failover that sealed past what it held, or a wiped data directory).
+    pub async fn repair_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(REPAIR_INTERVAL).await;
+            let me = self.me();
+            let wanted: Vec<(String, SegmentId, u64, Vec<NodeId>)> = {
+                let complete = lock(&self.complete);
+                self.sm.read(|m| {
+                    m.topics()
+                        .iter()
+                        .flat_map(|(name, t)| {
+                            t.segments
+                                .iter()
+                                .filter(|s| s.replicas.contains(&me) && !complete.contains(&s.id))
+                                .filter_map(|s| {
+                                    s.sealed_entries()
+                                        .map(|n| (name.clone(), s.id, n, s.replicas.clone()))
+                                })
+                        })
+                        .collect()
+                })
+            };
+            for (topic, seg, len, replicas) in wanted {
+                if self.local_entry_count(&topic, seg) >= len {
+                    lock(&self.complete).insert(seg);
+                } else {
+                    self.spawn_repair(&topic, seg, len, replicas);
+                }
+            }
+        }
+    }
+}
+
 /// Name of a segment's topic in the local `walrus` engine: short, valid, unique per segment.
 pub fn segment_key(topic: &str, segment: SegmentId) -> String {
     format!("s{}-{:08x}", segment.0, crc32c::crc32c(topic.as_bytes()))
@@ -1138,8 +1586,10 @@ struct Push {
     repl: ReplicaLengths,
     topic: String,
     segment: SegmentId,
+    epoch: Epoch,
     replica: NodeId,
     timeout: Duration,
+    fences: Arc<Mutex<HashMap<SegmentId, u64>>>,
 }
 
 impl Push {
@@ -1189,11 +1639,19 @@ impl Push {
             let req = RpcRequest::Replicate {
                 topic: self.topic.clone(),
                 segment: self.segment.0,
+                epoch: self.epoch.0,
                 position: from,
                 payloads,
             };
             let held = match client.call(&req, self.timeout).await {
                 Ok(RpcResponse::Replicate(Ok(n))) => n,
+                Ok(RpcResponse::Replicate(Err(e))) if e == FENCED => {
+                    // A failover fenced this epoch: stop writing and stop renewing the lease.
+                    let mut fences = lock(&self.fences);
+                    let f = fences.entry(self.segment).or_default();
+                    *f = (*f).max(self.epoch.0.saturating_add(1));
+                    return Err(e);
+                }
                 Ok(RpcResponse::Replicate(Err(e))) => return Err(e),
                 Ok(_) => return Err("mismatched rpc response".into()),
                 Err(e) => return Err(e.to_string()),

@@ -59,10 +59,34 @@ pub enum RpcRequest {
         topic: String,
         /// Segment id.
         segment: u64,
+        /// The epoch the sender leads; a replica fenced past it refuses.
+        epoch: u64,
         /// Segment-relative position of the first entry.
         position: u64,
         /// The entries, in order.
         payloads: Vec<Vec<u8>>,
+    },
+    /// Recovery coordinator (the metadata leader) → replica: refuse the segment's epochs below
+    /// `epoch` from now on, and report the entries held durably.
+    Fence {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+        /// The recovery's epoch.
+        epoch: u64,
+    },
+    /// Recovery coordinator → replica: the segment is sealed at `len`; fetch what is missing
+    /// from `donor` (and the other replicas) and report the entries held.
+    SealAt {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+        /// The sealed count.
+        len: u64,
+        /// A replica that holds `len` entries.
+        donor: u64,
     },
     /// Read entries of a segment this node holds.
     Read {
@@ -121,6 +145,10 @@ pub enum RpcResponse {
     Pong,
     /// Result of a lease request.
     LeaseGrant(Result<(), String>),
+    /// Entries of the fenced segment the replica holds durably.
+    Fence(Result<u64, String>),
+    /// Entries of the sealed segment the replica holds now (a catch-up may still be running).
+    SealAt(Result<u64, String>),
 }
 
 /// bincode settings for RPC bodies: fixed-width integers and a size limit on decode.

@@ -227,7 +227,7 @@ pub async fn serve_rpc(node: Arc<Node>, listener: TcpListener) {
     }
 }
 
-async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
+async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
     let raft = node.raft();
     match req {
         RpcRequest::AppendEntries(r) => RpcResponse::AppendEntries(raft.append_entries(r).await),
@@ -251,9 +251,23 @@ async fn rpc(node: &Node, req: RpcRequest) -> RpcResponse {
         RpcRequest::Replicate {
             topic,
             segment,
+            epoch,
             position,
             payloads,
-        } => RpcResponse::Replicate(node.store_replica(&topic, segment, position, &payloads)),
+        } => {
+            RpcResponse::Replicate(node.store_replica(&topic, segment, epoch, position, &payloads))
+        }
+        RpcRequest::Fence {
+            topic,
+            segment,
+            epoch,
+        } => RpcResponse::Fence(Ok(node.fence(&topic, segment, epoch))),
+        RpcRequest::SealAt {
+            topic,
+            segment,
+            len,
+            donor,
+        } => RpcResponse::SealAt(Ok(node.seal_at(&topic, segment, len, donor))),
         RpcRequest::Read {
             topic,
             segment,

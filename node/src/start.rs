@@ -64,6 +64,11 @@ pub struct Args {
     /// Replicas per segment: each new segment gets `min(this, live nodes)`, placed round-robin.
     #[arg(long, env = "WALRUS_REPLICATION_FACTOR", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub replication_factor: u64,
+    /// Segment-leader lease, in ms. A leader stops acknowledging writes when its lease runs
+    /// out unrenewed; the metadata leader fails a segment over once the lease plus a quarter
+    /// (the clock-drift bound) plus a tenth has passed since its last grant.
+    #[arg(long, env = "WALRUS_LEASE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(200..=60_000))]
+    pub lease_ms: u64,
     /// Largest client frame accepted, in bytes.
     #[arg(long, default_value_t = walrus_core::wire::FRAME_LEN_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
@@ -145,6 +150,7 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         durable_acks: args.durability != "none",
         quorum_acks: args.durability == "quorum-fsync",
+        lease_ms: args.lease_ms,
     };
     let node = Arc::new(
         Node::new(cfg, raft.clone(), sm, disk)
@@ -186,6 +192,8 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     tokio::spawn(node.clone().rollover_loop());
     tokio::spawn(node.clone().probe_loop());
     tokio::spawn(node.clone().lease_loop());
+    tokio::spawn(node.clone().failover_loop());
+    tokio::spawn(node.clone().repair_loop());
     tracing::info!(node_id = args.node_id, client = %client_advertise, raft = %raft_advertise, "walrus node serving");
     // A Raft that stopped on a fatal error (its log could not be written: a failed fsync)
     // never comes back in this process. Exit, so that the supervisor restarts the node and

@@ -142,8 +142,9 @@ fn cluster_swarm() {
     let mut faults: BTreeMap<ClusterFault, u64> = BTreeMap::new();
     let (mut acked, mut delivered, mut failures, mut leaders, mut seals, mut lost, mut syncs) =
         (0, 0, 0, 0, 0, 0, 0);
-    let mut sim_ms = 0;
+    let (mut sim_ms, mut failovers) = (0, 0);
     for r in &reports {
+        failovers += r.failovers;
         for (k, v) in &r.faults {
             *faults.entry(*k).or_default() += v;
         }
@@ -159,7 +160,7 @@ fn cluster_swarm() {
     println!(
         "Tier B: {n} seeds ({first}..{}) in {secs:.1} s ({:.2} seeds/s, {:.0} simulated s); \
          {acked} PUTs acknowledged, {failures} failed, {delivered} entries delivered; \
-         {leaders} metadata leaders (elections), {seals} segments sealed; crashes lost or tore \
+         {leaders} metadata leaders (elections), {seals} segments sealed ({failovers} by failover); crashes lost or tore \
          {lost} unsynced writes; {syncs} fsyncs failed; faults {faults:?}",
         first + n,
         n as f64 / secs,

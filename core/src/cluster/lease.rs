@@ -74,6 +74,21 @@ pub enum LeaseConfigError {
 }
 
 impl LeaseConfig {
+    /// Timing derived from one lease length: clocks may drift by a quarter of a lease, and a
+    /// successor may be chosen a tenth of a lease after that (a margin for scheduling), so the
+    /// result always passes [`LeaseConfig::validate`] for a positive length.
+    pub fn for_lease(lease_duration_ms: u64) -> LeaseConfig {
+        let max_clock_drift_ms = lease_duration_ms / 4;
+        let margin = (lease_duration_ms / 10).max(1);
+        LeaseConfig {
+            lease_duration_ms,
+            max_clock_drift_ms,
+            detection_timeout_ms: lease_duration_ms
+                .saturating_add(max_clock_drift_ms)
+                .saturating_add(margin),
+        }
+    }
+
     /// Checks the safety precondition.
     pub fn validate(&self) -> Result<(), LeaseConfigError> {
         if self.lease_duration_ms == 0 {
@@ -169,6 +184,11 @@ impl LeaseTable {
         }
     }
 
+    /// Whether the table holds a grant (real or assumed) for `seg`.
+    pub fn knows(&self, seg: &SegmentRef) -> bool {
+        self.last_grant_ms.contains_key(seg)
+    }
+
     /// Forgets a segment (sealed or recovered).
     pub fn forget(&mut self, seg: &SegmentRef) {
         self.last_grant_ms.remove(seg);
@@ -260,6 +280,15 @@ mod tests {
             may_append(&m, NodeId(1), &seg(9), &lease, 1_500),
             Err(AppendDenied::NotOpen)
         );
+    }
+
+    #[test]
+    fn derived_timing_is_valid() {
+        for ms in [1, 2, 3, 10, 1_000, 2_000, 60_000, u64::MAX / 2] {
+            let cfg = LeaseConfig::for_lease(ms);
+            assert_eq!(cfg.validate(), Ok(()), "{cfg:?}");
+            assert_eq!(cfg.lease_duration_ms, ms);
+        }
     }
 
     #[test]

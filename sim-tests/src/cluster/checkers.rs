@@ -30,10 +30,12 @@ pub struct Samples {
     metadata_at: BTreeMap<u64, (u32, u64)>,
     /// (topic, segment) -> (base offset, entries) once seen sealed.
     sealed: BTreeMap<(String, u64), (u64, u64)>,
+    /// Sealed segments that a failover sealed (their epoch was bumped).
+    recovered: BTreeSet<(String, u64)>,
     /// (topic, segment) -> the node that appended to it.
     writer: BTreeMap<(String, u64), u64>,
-    /// topic -> first offset -> (entries, node) of every successful local append.
-    appended: BTreeMap<String, BTreeMap<u64, (u64, u64)>>,
+    /// topic -> first offset -> (entries, node, segment) of every successful local append.
+    appended: BTreeMap<String, BTreeMap<u64, (u64, u64, u64)>>,
 }
 
 /// Samples every running node until aborted.
@@ -126,7 +128,16 @@ fn sample(world: &World) -> Result<(), Violation> {
             a.node, a.topic, a.segment, a.epoch, a.first, a.count
         ));
     }
-    check_appends(&mut s, appends)?;
+    let seal_of = |topic: &str, seg: u64| -> Option<u64> {
+        running(world).into_iter().find_map(|(_, n)| {
+            n.state_machine().read(|md| {
+                md.topic(topic)
+                    .and_then(|t| t.segments.iter().find(|x| x.id.0 == seg))
+                    .and_then(|x| x.sealed_entries().map(|e| x.base_offset + e))
+            })
+        })
+    };
+    check_appends(&mut s, appends, seal_of)?;
     for (id, node) in running(world) {
         let m = node.raft().metrics().borrow().clone();
         if m.state.is_leader() {
@@ -148,7 +159,7 @@ fn sample(world: &World) -> Result<(), Violation> {
             s.leaders.insert((term, id));
         }
         let seen = node.state_machine().read_applied(|idx, md| {
-            let sealed: Vec<(String, u64, u64, u64, Option<u64>)> = md
+            let sealed: Vec<(String, u64, u64, u64, Option<u64>, u64)> = md
                 .topics()
                 .iter()
                 .flat_map(|(name, t)| {
@@ -160,6 +171,7 @@ fn sample(world: &World) -> Result<(), Violation> {
                                 seg.base_offset,
                                 n,
                                 seg.leader().map(|l| l.0),
+                                seg.epoch.0,
                             )
                         })
                     })
@@ -207,8 +219,11 @@ fn sample(world: &World) -> Result<(), Violation> {
                 );
             }
         }
-        for (topic, seg, base, entries, leader) in sealed {
+        for (topic, seg, base, entries, leader, epoch) in sealed {
             let key = (topic.clone(), seg);
+            if epoch > 0 {
+                s.recovered.insert(key.clone());
+            }
             match s.sealed.get(&key) {
                 Some(&was) if was != (base, entries) => {
                     return violation(
@@ -246,8 +261,14 @@ fn sample(world: &World) -> Result<(), Violation> {
 }
 
 /// At most one node appends to a segment, and no successful (durable) append is ever
-/// overwritten by a later one at the same offsets.
-fn check_appends(s: &mut Samples, appends: Vec<walrus_node::sim::Append>) -> Result<(), Violation> {
+/// overwritten by a later one at the same offsets, unless a failover sealed its segment before
+/// those offsets (they were never acknowledged: the leader's lease had run out, or no quorum
+/// held them, and readers stop at the seal). `seal_of` gives a segment's sealed end offset.
+fn check_appends(
+    s: &mut Samples,
+    appends: Vec<walrus_node::sim::Append>,
+    seal_of: impl Fn(&str, u64) -> Option<u64>,
+) -> Result<(), Violation> {
     for a in appends {
         let key = (a.topic.clone(), a.segment);
         match s.writer.get(&key) {
@@ -267,9 +288,21 @@ fn check_appends(s: &mut Samples, appends: Vec<walrus_node::sim::Append>) -> Res
         }
         let ranges = s.appended.entry(a.topic.clone()).or_default();
         let end = a.first + a.count;
-        let before = ranges.range(..end).next_back();
-        if let Some((&f, &(n, node))) = before {
-            if f + n > a.first {
+        while let Some((&f, &(n, node, seg))) = ranges.range(..end).next_back() {
+            if f + n <= a.first {
+                break;
+            }
+            // Past the seal of an earlier segment: void, trim it and look again.
+            if let Some(sealed_end) =
+                seal_of(&a.topic, seg).filter(|&e| e <= a.first && seg != a.segment)
+            {
+                ranges.remove(&f);
+                if sealed_end > f {
+                    ranges.insert(f, (sealed_end - f, node, seg));
+                }
+                continue;
+            }
+            {
                 return violation(
                     "no acknowledged entry lost or changed",
                     format!(
@@ -284,7 +317,7 @@ fn check_appends(s: &mut Samples, appends: Vec<walrus_node::sim::Append>) -> Res
                 );
             }
         }
-        ranges.insert(a.first, (a.count, a.node));
+        ranges.insert(a.first, (a.count, a.node, a.segment));
     }
     Ok(())
 }
@@ -319,9 +352,13 @@ pub async fn converged(world: &World, bound: Duration) -> Result<(), String> {
 }
 
 /// (metadata leaders observed, segments seen sealed).
-pub fn final_counts(world: &World) -> (u64, u64) {
+pub fn final_counts(world: &World) -> (u64, u64, u64) {
     let s = world.samples.lock().unwrap();
-    (s.leaders.len() as u64, s.sealed.len() as u64)
+    (
+        s.leaders.len() as u64,
+        s.sealed.len() as u64,
+        s.recovered.len() as u64,
+    )
 }
 
 /// Every running node's Raft view, for failure messages: `node: state term leader applied`.

@@ -60,8 +60,10 @@ pub struct ClusterReport {
     pub faults: BTreeMap<ClusterFault, u64>,
     /// Metadata leaders observed (the first one and every failover after it).
     pub raft_leaders: u64,
-    /// Segments sealed (rollovers).
+    /// Segments sealed (rollovers and failovers).
     pub seals: u64,
+    /// Segments sealed by a failover (their leader's lease lapsed).
+    pub failovers: u64,
     /// Unsynced writes lost or torn by crashes, over all disks.
     pub writes_lost: u64,
     /// Fsyncs that failed, over all disks.
@@ -343,13 +345,14 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
     }
     sampler.abort();
     supervisor.abort();
-    let (raft_leaders, seals) = checkers::final_counts(&world);
+    let (raft_leaders, seals, failovers) = checkers::final_counts(&world);
 
     let mut report = ClusterReport {
         seed: cfg.seed,
         faults: faults.counts.clone(),
         raft_leaders,
         seals,
+        failovers,
         ..ClusterReport::default()
     };
     for d in &disks {

@@ -179,6 +179,14 @@ const CATCH_UP_BYTES_MAX: usize = 8 << 20;
 /// A request-level error: becomes `ERR <reason>`.
 pub type Failure = String;
 
+/// A proposal that did not come back applied.
+struct ProposeError {
+    reason: String,
+    /// Whether it may still commit (it reached a leader, or sat in this node's log when it
+    /// lost its leadership): a cursor claim in that state must count as made.
+    maybe_applied: bool,
+}
+
 impl Node {
     /// Wires a node around a started Raft and its state machine.
     pub fn new(
@@ -271,7 +279,7 @@ impl Node {
 
     /// Proposes a metadata command, forwarding it to the Raft leader if needed.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, Failure> {
-        let resp = self.propose_raw(cmd).await?;
+        let resp = self.propose_raw(cmd).await.map_err(|e| e.reason)?;
         match resp.result {
             Some(Ok(o)) => Ok(o),
             Some(Err(rejected)) => Err(rejected),
@@ -279,12 +287,24 @@ impl Node {
         }
     }
 
-    async fn propose_raw(&self, cmd: Command) -> Result<MetaResponse, Failure> {
+    async fn propose_raw(&self, cmd: Command) -> Result<MetaResponse, ProposeError> {
+        let term_before = |m: &openraft::RaftMetrics<u64, BasicNode>| {
+            (m.current_leader != Some(self.cfg.id)).then_some(m.current_term)
+        };
+        let follower_in = term_before(&self.raft.metrics().borrow());
         match self.raft.client_write(cmd.clone()).await {
             Ok(r) => Ok(r.data),
             Err(e) => {
                 let Some(leader) = e.forward_to_leader().and_then(|f| f.leader_node.clone()) else {
-                    return Err(format!("no metadata leader: {e}"));
+                    // Not proposed if this node was no leader when asked and has not been one
+                    // since (that takes a new term); a leader that lost its leadership may
+                    // have the entry in its log, which a successor may still commit.
+                    let same_term = follower_in.is_some()
+                        && follower_in == Some(self.raft.metrics().borrow().current_term);
+                    return Err(ProposeError {
+                        reason: format!("no metadata leader: {e}"),
+                        maybe_applied: !same_term,
+                    });
                 };
                 match self
                     .peers
@@ -292,9 +312,18 @@ impl Node {
                     .call(&RpcRequest::Propose(cmd), self.cfg.request_timeout)
                     .await
                 {
-                    Ok(RpcResponse::Propose(r)) => r,
-                    Ok(_) => Err("mismatched rpc response".into()),
-                    Err(e) => Err(format!("metadata leader {} unreachable: {e}", leader.addr)),
+                    Ok(RpcResponse::Propose(r)) => r.map_err(|reason| ProposeError {
+                        reason,
+                        maybe_applied: true,
+                    }),
+                    Ok(_) => Err(ProposeError {
+                        reason: "mismatched rpc response".into(),
+                        maybe_applied: true,
+                    }),
+                    Err(e) => Err(ProposeError {
+                        reason: format!("metadata leader {} unreachable: {e}", leader.addr),
+                        maybe_applied: true,
+                    }),
                 }
             }
         }
@@ -901,8 +930,13 @@ impl Node {
                 })) => return Ok(Some(entries.swap_remove(0))),
                 // Applied, but refused (another GET claimed this entry): try the next one.
                 Ok(Ok(_)) => self.wait_change(Duration::from_millis(100)).await,
+                // Certainly not proposed (no metadata leader known here): try again.
+                Ok(Err(e)) if !e.maybe_applied => {
+                    tracing::debug!(topic, error = %e.reason, "cursor claim not proposed; retrying");
+                    self.wait_change(Duration::from_millis(100)).await;
+                }
                 Ok(Err(e)) => {
-                    tracing::debug!(topic, error = %e, "cursor claim outcome unknown; delivering (at-least-once)");
+                    tracing::debug!(topic, error = %e.reason, "cursor claim outcome unknown; delivering (at-least-once)");
                     return Ok(Some(entries.swap_remove(0)));
                 }
                 Err(_) => {

@@ -2,144 +2,15 @@
 //! their own data directories, driven over TCP with the `walrus-cli` client. Every process a
 //! test starts is killed by its handle when the test ends; every wait is bounded.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use walrus_cli::Client;
+use common::*;
 use walrus_core::wire::{put_frame, Reply};
-
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One `walrus-node` process; killed on drop.
-struct NodeProc {
-    id: u64,
-    dir: PathBuf,
-    raft_port: u16,
-    client_port: u16,
-    child: Option<Child>,
-    extra_env: Vec<(String, String)>,
-}
-
-impl NodeProc {
-    fn start(id: u64, dir: &Path, join: Option<u16>, env: &[(&str, &str)]) -> NodeProc {
-        let mut n = NodeProc {
-            id,
-            dir: dir.to_path_buf(),
-            raft_port: free_port(),
-            client_port: free_port(),
-            child: None,
-            extra_env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        n.spawn(join);
-        n
-    }
-
-    fn spawn(&mut self, join: Option<u16>) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walrus-node"));
-        cmd.arg("--node-id")
-            .arg(self.id.to_string())
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .arg("--raft-port")
-            .arg(self.raft_port.to_string())
-            .arg("--client-port")
-            .arg(self.client_port.to_string())
-            .arg("--request-timeout-ms")
-            .arg("3000")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(p) = join {
-            cmd.arg("--join").arg(format!("127.0.0.1:{p}"));
-        }
-        for (k, v) in &self.extra_env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("spawn walrus-node"));
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn(None);
-    }
-
-    fn client(&self) -> Client {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(mut c) = Client::connect(&self.addr(), Duration::from_secs(5)) {
-                if let Ok(Reply::Ok(Some(m))) = c.request(b"METRICS") {
-                    if String::from_utf8_lossy(&m).contains("\"current_leader\":")
-                        && !String::from_utf8_lossy(&m).contains("\"current_leader\":null")
-                    {
-                        return c;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} did not become ready",
-                self.id
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn ok(r: Reply) -> Option<Vec<u8>> {
-    match r {
-        Reply::Ok(p) => p,
-        other => panic!("expected OK, got {other:?}"),
-    }
-}
-
-fn put(c: &mut Client, topic: &str, payload: &[u8]) -> Reply {
-    let mut body = format!("PUT {topic} ").into_bytes();
-    body.extend_from_slice(payload);
-    c.request(&body).unwrap()
-}
-
-/// Retries a request until it is not `ERR` (leadership moves, topics propagate), bounded.
-fn eventually(c: &mut Client, body: &[u8]) -> Reply {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = c.request(body).unwrap();
-        if !matches!(r, Reply::Err(_)) || Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn single_node_serves_the_protocol_and_survives_restarts() {
@@ -314,33 +185,6 @@ fn bad_flags_and_values_exit_with_code_2() {
         run(&["--node-id", "1"], &[("WALRUS_MONITOR_CHECK_MS", "0")]),
         Some(2)
     );
-}
-
-/// Starts a 3-node cluster (ids 1, 2, 3) in `dir` and returns it with a ready client each.
-fn cluster(dir: &Path, env: &[(&str, &str)]) -> Vec<NodeProc> {
-    let first = NodeProc::start(1, &dir.join("n1"), None, env);
-    drop(first.client());
-    let second = NodeProc::start(2, &dir.join("n2"), Some(first.raft_port), env);
-    drop(second.client());
-    let third = NodeProc::start(3, &dir.join("n3"), Some(first.raft_port), env);
-    drop(third.client());
-    vec![first, second, third]
-}
-
-/// GETs from `c` until `EMPTY` (bounded), returning the payloads.
-fn drain(c: &mut Client, topic: &str, max: usize) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let body = format!("GET {topic}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while out.len() < max && Instant::now() < deadline {
-        match c.request(body.as_bytes()).unwrap() {
-            Reply::Ok(Some(p)) => out.push(p),
-            Reply::Empty => break,
-            Reply::Ok(None) => panic!("GET answered OK without a payload"),
-            Reply::Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-    out
 }
 
 #[test]
@@ -554,21 +398,6 @@ fn resilience_a_killed_node_does_not_stop_other_topics_and_rejoins() {
             "{topic} after the rejoin"
         );
     }
-}
-
-/// The leader of the open segment of `topic`, from `STATE`.
-fn open_leader(c: &mut Client, topic: &str) -> u64 {
-    let state =
-        String::from_utf8(ok(eventually(c, format!("STATE {topic}").as_bytes())).unwrap()).unwrap();
-    state
-        .rsplit("\"leader\":")
-        .next()
-        .unwrap()
-        .split(|ch: char| !ch.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]

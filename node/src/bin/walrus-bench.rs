@@ -73,6 +73,11 @@ struct Args {
     /// Keep the data directories and node logs (for inspection) instead of deleting them.
     #[arg(long)]
     keep_dir: bool,
+    /// Instead of P1-P4: measure failover on 3 nodes. SIGKILL the leader of a topic's open
+    /// segment this many times (restarting it in between) and time each kill to the first
+    /// acknowledged write on that topic.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    failover: Option<u64>,
 }
 
 // ---------------------------------------------------------------------- client
@@ -470,6 +475,63 @@ struct NodeProc {
     child: Child,
     client: String,
     log: PathBuf,
+    /// How it was started (to start it again after a kill).
+    spawn: Spawn,
+}
+
+/// Everything needed to start one node process.
+#[derive(Clone)]
+struct Spawn {
+    bin: PathBuf,
+    dir: PathBuf,
+    id: u64,
+    raft: u16,
+    client: u16,
+    join: Option<u16>,
+}
+
+impl Spawn {
+    fn start(&self) -> Result<NodeProc, String> {
+        let log = self.dir.join(format!("node{}.log", self.id));
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("open {}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--node-id")
+            .arg(self.id.to_string())
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node{}", self.id)))
+            .arg("--raft-port")
+            .arg(self.raft.to_string())
+            .arg("--client-port")
+            .arg(self.client.to_string())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if let Some(j) = self.join {
+            cmd.arg("--join").arg(format!("127.0.0.1:{j}"));
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
+        let mut node = NodeProc {
+            id: self.id,
+            child,
+            client: format!("127.0.0.1:{}", self.client),
+            log,
+            spawn: self.clone(),
+        };
+        wait_until(&mut node, "serving", |addr| {
+            metrics(addr)
+                .map(|m| m["raft"]["current_leader"].is_u64())
+                .unwrap_or(false)
+        })?;
+        Ok(node)
+    }
 }
 
 /// The node processes one repeat started; killed (by handle) and reaped when dropped.
@@ -548,47 +610,23 @@ fn start_cluster(bin: &Path, dir: &Path, count: usize) -> Result<Cluster, String
     let ports = free_ports(count * 2)?;
     let mut cluster = Cluster { nodes: Vec::new() };
     for i in 0..count {
-        let id = i as u64 + 1;
-        let (raft, client) = (ports[2 * i], ports[2 * i + 1]);
-        let log = dir.join(format!("node{id}.log"));
-        let out = File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--node-id")
-            .arg(id.to_string())
-            .arg("--data-dir")
-            .arg(dir.join(format!("node{id}")))
-            .arg("--raft-port")
-            .arg(raft.to_string())
-            .arg("--client-port")
-            .arg(client.to_string())
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        if i > 0 {
-            cmd.arg("--join").arg(format!("127.0.0.1:{}", ports[0]));
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        cluster.nodes.push(NodeProc {
-            id,
-            child,
-            client: format!("127.0.0.1:{client}"),
-            log,
-        });
-        let node = cluster.nodes.last_mut().expect("just pushed");
-        wait_until(node, "serving", |addr| {
-            metrics(addr)
-                .map(|m| m["raft"]["current_leader"].is_u64())
-                .unwrap_or(false)
-        })?;
+        let spawn = Spawn {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            id: i as u64 + 1,
+            raft: ports[2 * i],
+            client: ports[2 * i + 1],
+            join: (i > 0).then_some(ports[0]),
+        };
+        cluster.nodes.push(spawn.start()?);
     }
-    // Every node a voter and registered live in the metadata, as seen by the first node.
-    let want = count;
-    let first = &mut cluster.nodes[0];
-    wait_until(first, "seeing the whole cluster", |addr| {
+    wait_whole(&mut cluster.nodes[0], count)?;
+    Ok(cluster)
+}
+
+/// Waits until `node` sees `want` voters, all registered live in the metadata.
+fn wait_whole(node: &mut NodeProc, want: usize) -> Result<(), String> {
+    wait_until(node, "seeing the whole cluster", |addr| {
         metrics(addr)
             .map(|m| {
                 let voters = m["raft"]["voters"].as_array().map_or(0, |v| v.len());
@@ -598,8 +636,7 @@ fn start_cluster(bin: &Path, dir: &Path, count: usize) -> Result<Cluster, String
                 voters == want && live == want
             })
             .unwrap_or(false)
-    })?;
-    Ok(cluster)
+    })
 }
 
 impl Cluster {
@@ -1102,12 +1139,152 @@ fn run(args: Args) -> Result<(), String> {
     };
     std::fs::create_dir_all(&root.path)
         .map_err(|e| format!("mkdir {}: {e}", root.path.display()))?;
+    if let Some(kills) = args.failover {
+        return run_failover(&bin, &root.path.join("failover"), kills);
+    }
     let mut results = Vec::new();
     for rep in 1..=args.repeats {
         let dir = root.path.join(format!("repeat{rep}"));
         results.push(run_repeat(&args, &bin, &dir, rep)?);
     }
     report(&args, &results, &root.path);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------- failover
+
+/// The leader of `topic`'s open segment (the last one), from `STATE`.
+fn open_segment_leader(addr: &str, topic: &str) -> Result<u64, String> {
+    let mut c = Conn::connect(addr).map_err(|e| e.to_string())?;
+    match c
+        .call(format!("STATE {topic}").as_bytes())
+        .map_err(|e| e.to_string())?
+    {
+        Reply::Ok(Some(j)) => {
+            let v: serde_json::Value = serde_json::from_slice(&j).map_err(|e| e.to_string())?;
+            v["segments"]
+                .as_array()
+                .and_then(|s| s.last())
+                .and_then(|s| s["leader"].as_u64())
+                .ok_or_else(|| format!("no open segment leader in {v}"))
+        }
+        other => Err(format!("STATE answered {other:?}")),
+    }
+}
+
+/// PUTs to `topic` through `addrs` in turn until one is acknowledged; returns when, or an
+/// error after `READY_TIMEOUT`.
+fn put_until_ok(addrs: &[String], topic: &str) -> Result<Instant, String> {
+    let t0 = Instant::now();
+    let body = [format!("PUT {topic} ").as_bytes(), b"x".as_slice()].concat();
+    let mut last = String::new();
+    for i in 0.. {
+        if t0.elapsed() > READY_TIMEOUT {
+            break;
+        }
+        let addr = &addrs[i % addrs.len()];
+        match Conn::connect(addr).and_then(|mut c| c.call(&body)) {
+            Ok(Reply::Ok(_)) => return Ok(Instant::now()),
+            Ok(other) => last = format!("{other:?}"),
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Err(format!(
+        "no PUT acknowledged within {READY_TIMEOUT:?}: {last}"
+    ))
+}
+
+/// The failover measurement: see `Args::failover`.
+fn run_failover(bin: &Path, dir: &Path, kills: u64) -> Result<(), String> {
+    let mut cluster = start_cluster(bin, dir, 3)?;
+    let topic = "failover";
+    let all: Vec<String> = cluster.nodes.iter().map(|n| n.client.clone()).collect();
+    let mut c = Conn::connect(&all[0]).map_err(|e| e.to_string())?;
+    c.call(format!("REGISTER {topic}").as_bytes())
+        .map_err(|e| e.to_string())?;
+    // (time to first acknowledged write, whether the killed node also led the metadata)
+    let mut samples: Vec<(Duration, bool)> = Vec::new();
+    for k in 1..=kills {
+        put_until_ok(&all, topic)?;
+        let leader =
+            open_segment_leader(&all[0], topic).or_else(|_| open_segment_leader(&all[1], topic))?;
+        let idx = cluster
+            .nodes
+            .iter()
+            .position(|n| n.id == leader)
+            .ok_or("unknown leader")?;
+        let survivors: Vec<String> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.id != leader)
+            .map(|n| n.client.clone())
+            .collect();
+        let meta_leader = metrics(&survivors[0])
+            .map(|m| m["raft"]["current_leader"].as_u64() == Some(leader))
+            .unwrap_or(false);
+        // Make sure the leader holds a fresh lease (a write just went through), then kill it.
+        put_until_ok(&survivors, topic)?;
+        let _ = cluster.nodes[idx].child.kill();
+        let killed = Instant::now();
+        let _ = cluster.nodes[idx].child.wait();
+        let acked = put_until_ok(&survivors, topic)?;
+        let took = acked.duration_since(killed);
+        eprintln!(
+            "kill {k}/{kills}: node {leader}{} -> first acknowledged write after {:.0} ms",
+            if meta_leader {
+                " (also the metadata leader)"
+            } else {
+                ""
+            },
+            took.as_secs_f64() * 1000.0
+        );
+        samples.push((took, meta_leader));
+        // Bring it back and wait until the cluster counts it live again.
+        let spawn = cluster.nodes[idx].spawn.clone();
+        cluster.nodes[idx] = spawn.start()?;
+        let other = cluster
+            .nodes
+            .iter()
+            .position(|n| n.id != leader)
+            .ok_or("no survivor")?;
+        wait_whole(&mut cluster.nodes[other], 3)?;
+    }
+    let report = |label: &str, v: Vec<Duration>| {
+        if v.is_empty() {
+            println!("| {label} | 0 | - | - | - | - |");
+            return;
+        }
+        let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+        println!(
+            "| {label} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            ms.len(),
+            ms[0],
+            pct(0.50),
+            pct(0.99),
+            ms[ms.len() - 1]
+        );
+    };
+    println!("# walrus failover: SIGKILL of a topic's open-segment leader to the first acknowledged write");
+    println!();
+    println!(
+        "3 nodes on loopback, walrus-node defaults (lease 1000 ms, quorum-fsync, replication \
+         factor 3); the writer retries every 5 ms through the surviving nodes."
+    );
+    println!();
+    println!("| kills | n | min ms | p50 ms | p99 ms | max ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    report("all", samples.iter().map(|s| s.0).collect());
+    report(
+        "segment leader only",
+        samples.iter().filter(|s| !s.1).map(|s| s.0).collect(),
+    );
+    report(
+        "segment and metadata leader",
+        samples.iter().filter(|s| s.1).map(|s| s.0).collect(),
+    );
     Ok(())
 }
 

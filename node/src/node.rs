@@ -1131,11 +1131,14 @@ impl Node {
         .to_string()
     }
 
-    /// `STATE`: the replicas of `seg` that last reported fewer entries than this node holds;
-    /// known only on the segment's leader (`null` elsewhere). A segment with any is
+    /// `STATE`: the replicas of the open segment `seg` that last reported fewer entries than
+    /// this node holds; known only on the segment's leader (`null` elsewhere, and for sealed
+    /// segments). A segment with any is
     /// under-replicated.
     fn lagging_replicas(&self, topic: &str, seg: &SegmentMeta) -> Option<Vec<u64>> {
-        if seg.leader() != Some(self.me()) {
+        // Replica lengths are tracked while pushing the open segment; after a restart they are
+        // unknown for sealed ones (which the repair loop heals from the replicas' side).
+        if seg.leader() != Some(self.me()) || !seg.is_open() {
             return None;
         }
         let local = self.data.entry_count(&segment_key(topic, seg.id));

@@ -90,8 +90,26 @@ fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) 
     let mut seen_acked = 0usize;
     let deadline = Instant::now() + Duration::from_secs(120);
     let prefix = format!("{topic}/w");
+    let body = format!("GET {topic}");
+    let (mut errs, mut empties) = (0u64, 0u64);
+    let mut last_err = String::new();
     while seen_acked < want && Instant::now() < deadline {
-        for p in drain(c, topic, 100_000) {
+        let p = match c.request(body.as_bytes()).expect("GET") {
+            Reply::Ok(Some(p)) => p,
+            Reply::Empty => {
+                empties += 1;
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Reply::Err(e) => {
+                errs += 1;
+                last_err = e;
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            other => panic!("GET answered {other:?}"),
+        };
+        {
             let text = String::from_utf8(p).expect("payloads are text");
             let rest = text.strip_prefix(&prefix).expect("a payload of this topic");
             let (w, seq) = rest.split_once('/').expect("writer/seq");
@@ -101,8 +119,11 @@ fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) 
             }
             delivered.entry(w).or_default().push(seq);
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
+    eprintln!(
+        "{topic}: {seen_acked} of {want} acknowledged writes read back; GETs answered ERR \
+         {errs} times (last: {last_err:?}), EMPTY {empties} times"
+    );
     for (w, log) in logs {
         let got = delivered.get(w).cloned().unwrap_or_default();
         assert!(
@@ -310,7 +331,7 @@ fn failover_chaos_a_random_node_killed_every_5s_for_60s_loses_no_acknowledged_wr
         let handles: Vec<_> = (0..8)
             .map(|w| {
                 let (addrs, stop) = (&addrs, &stop);
-                s.spawn(move || writer(addrs, w, topics[w % 4], w, stop, Duration::from_millis(20)))
+                s.spawn(move || writer(addrs, w, topics[w % 4], w, stop, Duration::from_millis(40)))
             })
             .collect();
         let started = Instant::now();
@@ -340,18 +361,26 @@ fn failover_chaos_a_random_node_killed_every_5s_for_60s_loses_no_acknowledged_wr
         );
     }
     assert!(acked > 0);
-    let mut c = nodes[0].client();
-    for (i, t) in topics.iter().enumerate() {
-        let of_topic: BTreeMap<usize, &WriterLog> = logs
-            .iter()
-            .enumerate()
-            .filter(|(w, _)| w % 4 == i)
-            .collect();
-        check_topic(&mut c, t, &of_topic);
-    }
+    let drain_started = Instant::now();
+    // One reader per topic, in parallel (each GET is a Raft write; they batch).
+    std::thread::scope(|s| {
+        for (i, t) in topics.iter().enumerate() {
+            let (logs, node) = (&logs, &nodes[i % nodes.len()]);
+            s.spawn(move || {
+                let of_topic: BTreeMap<usize, &WriterLog> = logs
+                    .iter()
+                    .enumerate()
+                    .filter(|(w, _)| w % 4 == i)
+                    .collect();
+                check_topic(&mut node.client(), t, &of_topic);
+            });
+        }
+    });
     let all: Vec<&NodeProc> = nodes.iter().filter(|n| n.is_running()).collect();
     eprintln!(
-        "failovers {} (counted on the current processes), re-replications {}",
+        "read back in {:?}; failovers {} (counted on the current processes), \
+         re-replications {}",
+        drain_started.elapsed(),
         metric_sum(&all, "failovers"),
         metric_sum(&all, "re_replications")
     );

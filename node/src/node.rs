@@ -47,6 +47,10 @@ const RECOVERY_SEALING_TICKS_MAX: u32 = 400;
 const RECOVERY_RPC_TIMEOUT: Duration = Duration::from_millis(500);
 /// Period of the repair loop (replicas fetching sealed entries they lack).
 const REPAIR_INTERVAL: Duration = Duration::from_millis(500);
+/// Failover ticks between re-replication passes.
+const RE_REPLICATION_EVERY_TICKS: u64 = 20;
+/// Sealed segments a re-replication pass starts moving at most.
+const RE_REPLICATION_BATCH: usize = 8;
 /// The error a replica answers a write of an epoch a recovery has fenced.
 pub const FENCED: &str = "segment fenced by a failover";
 
@@ -75,6 +79,8 @@ pub struct NodeConfig {
     pub quorum_acks: bool,
     /// Segment-leader lease length (the failover timing derives from it).
     pub lease_ms: u64,
+    /// How long a node must stay dead before its sealed segments are copied to another node.
+    pub re_replicate_after: Duration,
 }
 
 /// Counters reported by `METRICS`.
@@ -92,6 +98,8 @@ pub struct Counters {
     repairs: AtomicU64,
     /// Entries fetched for those repairs.
     repaired_entries: AtomicU64,
+    /// Sealed-segment replicas this node (as metadata leader) moved off a dead node.
+    replicas_moved: AtomicU64,
     /// Peer connections the RPC server holds open now.
     pub rpc_connections: AtomicU64,
     /// Peer requests being handled now.
@@ -123,6 +131,8 @@ pub struct Node {
     repairing: Mutex<BTreeSet<SegmentId>>,
     /// Sealed segments this node holds in full (the repair loop skips them).
     complete: Mutex<BTreeSet<SegmentId>>,
+    /// Sealed segments whose replica is being moved off a dead node (on the metadata leader).
+    moving: Mutex<BTreeSet<SegmentId>>,
 }
 
 /// The metadata leader's side of leases: grants, and the segments being recovered (which get
@@ -226,6 +236,7 @@ impl Node {
             fences: Arc::default(),
             repairing: Mutex::default(),
             complete: Mutex::default(),
+            moving: Mutex::default(),
         })
     }
 
@@ -1122,6 +1133,7 @@ impl Node {
                 "failovers": c.failovers.load(Ordering::Relaxed),
                 "re_replications": c.repairs.load(Ordering::Relaxed),
                 "re_replicated_entries": c.repaired_entries.load(Ordering::Relaxed),
+                "replicas_moved": c.replicas_moved.load(Ordering::Relaxed),
                 "replica_pushes": self.replication.pushes.load(Ordering::Relaxed),
                 "replica_entries_sent": self.replication.entries_sent.load(Ordering::Relaxed),
                 "rpc_connections": c.rpc_connections.load(Ordering::Relaxed),
@@ -1397,8 +1409,11 @@ impl Node {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(SegmentRef, RecoveryInput)>();
         let mut led_term: Option<u64> = None;
         let mut driving: BTreeMap<SegmentRef, Driving> = BTreeMap::new();
+        let mut dead_since: BTreeMap<NodeId, Instant> = BTreeMap::new();
+        let mut tick = 0u64;
         loop {
             tokio::time::sleep(FAILOVER_TICK).await;
+            tick += 1;
             let (leader, term) = {
                 let m = self.raft.metrics().borrow().clone();
                 (m.current_leader, m.current_term)
@@ -1413,8 +1428,12 @@ impl Node {
             if led_term != Some(term) {
                 led_term = Some(term);
                 driving.clear();
+                dead_since.clear();
                 *lock(&self.grants) = Grants::default();
                 while rx.try_recv().is_ok() {}
+            }
+            if tick % RE_REPLICATION_EVERY_TICKS == 0 {
+                self.re_replicate(&mut dead_since);
             }
             let now = self.now_ms();
             let open: Vec<(SegmentRef, SegmentMeta)> = self.sm.read(|m| {
@@ -1500,6 +1519,125 @@ impl Node {
                 self.run_recovery_effect(r, effect, tx.clone());
             }
         }
+    }
+
+    /// Re-replication, on the metadata leader: once a node has been dead (per the failure
+    /// detector) for `re_replicate_after`, each sealed segment it holds gets a live node that
+    /// is not yet a replica. That node first fetches the whole segment (`SealAt`); only then
+    /// does `MoveReplica` swap it in, so the segment never has fewer copies. A few segments per
+    /// pass, each by its own task.
+    fn re_replicate(self: &Arc<Self>, dead_since: &mut BTreeMap<NodeId, Instant>) {
+        let nodes: Vec<(NodeId, bool)> = self
+            .sm
+            .read(|m| m.nodes().iter().map(|(id, n)| (*id, n.live)).collect());
+        dead_since.retain(|id, _| nodes.iter().any(|&(n, live)| n == *id && !live));
+        for &(id, live) in &nodes {
+            if !live {
+                dead_since.entry(id).or_insert_with(Instant::now);
+            }
+        }
+        let gone: BTreeSet<NodeId> = dead_since
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= self.cfg.re_replicate_after)
+            .map(|(id, _)| *id)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let live: Vec<NodeId> = nodes.iter().filter(|n| n.1).map(|n| n.0).collect();
+        let moving = lock(&self.moving).clone();
+        let work: Vec<(String, SegmentMeta, NodeId)> = self.sm.read(|m| {
+            m.topics()
+                .iter()
+                .flat_map(|(name, t)| {
+                    t.segments
+                        .iter()
+                        .filter(|s| !s.is_open() && !moving.contains(&s.id))
+                        .filter_map(|s| {
+                            let from = s.replicas.iter().find(|r| gone.contains(r))?;
+                            Some((name.clone(), s.clone(), *from))
+                        })
+                })
+                .take(RE_REPLICATION_BATCH)
+                .collect()
+        });
+        for (topic, seg, from) in work {
+            let spare: Vec<NodeId> = live
+                .iter()
+                .copied()
+                .filter(|n| !seg.replicas.contains(n))
+                .collect();
+            let donor = seg
+                .replicas
+                .iter()
+                .copied()
+                .find(|r| live.contains(r) && *r != from);
+            let (Some(&to), Some(donor)) =
+                (spare.get(seg.id.0 as usize % spare.len().max(1)), donor)
+            else {
+                continue;
+            };
+            lock(&self.moving).insert(seg.id);
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.move_replica(&topic, &seg, from, to, donor).await {
+                    tracing::debug!(%topic, segment = seg.id.0, error = %e, "replica move failed; retried later");
+                }
+                lock(&node.moving).remove(&seg.id);
+            });
+        }
+    }
+
+    /// Copies sealed `seg` to `to` (fetching from `donor` and the other replicas), then swaps
+    /// it in for `from`.
+    async fn move_replica(
+        &self,
+        topic: &str,
+        seg: &SegmentMeta,
+        from: NodeId,
+        to: NodeId,
+        donor: NodeId,
+    ) -> Result<(), Failure> {
+        let len = seg.sealed_entries().unwrap_or(0);
+        let addr = self
+            .addr_of(to)
+            .ok_or_else(|| format!("no address for node {}", to.0))?;
+        let req = RpcRequest::SealAt {
+            topic: topic.to_string(),
+            segment: seg.id.0,
+            len,
+            donor: donor.0,
+        };
+        let deadline = Instant::now() + self.cfg.request_timeout * 12;
+        loop {
+            match self.peers.get(&addr).call(&req, RECOVERY_RPC_TIMEOUT).await {
+                Ok(RpcResponse::SealAt(Ok(held))) if held >= len => break,
+                _ if Instant::now() >= deadline => {
+                    return Err(format!("node {} did not fetch the segment in time", to.0))
+                }
+                _ => tokio::time::sleep(REPAIR_INTERVAL).await,
+            }
+        }
+        let outcome = self
+            .propose(Command::MoveReplica {
+                topic: topic.to_string(),
+                segment: seg.id,
+                from,
+                to,
+            })
+            .await?;
+        if outcome == Outcome::ReplicaMoved {
+            self.counters.replicas_moved.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                topic,
+                segment = seg.id.0,
+                from = from.0,
+                to = to.0,
+                len,
+                "sealed segment re-replicated"
+            );
+        }
+        Ok(())
     }
 
     /// Carries out one effect of a recovery in its own task; answers come back on `tx`.

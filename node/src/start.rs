@@ -69,6 +69,10 @@ pub struct Args {
     /// (the clock-drift bound) plus a tenth has passed since its last grant.
     #[arg(long, env = "WALRUS_LEASE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(200..=60_000))]
     pub lease_ms: u64,
+    /// How long a node must stay dead (per the failure detector) before the sealed segments
+    /// it held are copied to another live node and the metadata moves them there.
+    #[arg(long, env = "WALRUS_RE_REPLICATE_AFTER_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub re_replicate_after_ms: u64,
     /// Largest client frame accepted, in bytes.
     #[arg(long, default_value_t = walrus_core::wire::FRAME_LEN_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
@@ -151,6 +155,7 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         durable_acks: args.durability != "none",
         quorum_acks: args.durability == "quorum-fsync",
         lease_ms: args.lease_ms,
+        re_replicate_after: Duration::from_millis(args.re_replicate_after_ms),
     };
     let node = Arc::new(
         Node::new(cfg, raft.clone(), sm, disk)

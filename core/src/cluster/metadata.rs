@@ -111,6 +111,19 @@ pub enum Command {
         /// The new committed offset.
         offset: u64,
     },
+    /// Replace replica `from` of the sealed `segment` with `to` (re-replication away from a
+    /// node that stayed down). The proposer must have made sure `to` holds the whole segment
+    /// first: the segment never has fewer copies than before.
+    MoveReplica {
+        /// The topic.
+        topic: String,
+        /// A sealed segment of it.
+        segment: SegmentId,
+        /// The replica being replaced.
+        from: NodeId,
+        /// Its replacement (a registered node not yet a replica).
+        to: NodeId,
+    },
 }
 
 /// What an applied command did.
@@ -160,6 +173,8 @@ pub enum Outcome {
     },
     /// A consumer group's offset moved.
     GroupCommitted,
+    /// A sealed segment's replica was replaced.
+    ReplicaMoved,
 }
 
 /// Why a command was refused. State is unchanged after a rejection.
@@ -238,6 +253,10 @@ pub enum Rejection {
     /// An offset or epoch computation would overflow `u64`.
     #[error("arithmetic overflow")]
     Overflow,
+    /// A replica move names a segment that is still open, a `from` that is not one of its
+    /// replicas, or a `to` that already is one.
+    #[error("not a valid replica move")]
+    BadMove,
 }
 
 /// Why a snapshot or encoded command could not be decoded.
@@ -497,6 +516,34 @@ impl Metadata {
                 }
                 t.groups.insert(group.clone(), *offset);
                 Ok(Outcome::GroupCommitted)
+            }
+            Command::MoveReplica {
+                topic,
+                segment,
+                from,
+                to,
+            } => {
+                if !self.nodes.contains_key(to) {
+                    return Err(Rejection::UnknownNode);
+                }
+                let t = self.topics.get_mut(topic).ok_or(Rejection::UnknownTopic)?;
+                let s = t
+                    .segments
+                    .iter_mut()
+                    .find(|s| s.id == *segment)
+                    .ok_or(Rejection::BadMove)?;
+                if s.replicas.contains(to) && !s.replicas.contains(from) {
+                    // Already applied.
+                    return Ok(Outcome::Unchanged);
+                }
+                let Some(slot) = s.replicas.iter().position(|r| r == from) else {
+                    return Err(Rejection::BadMove);
+                };
+                if s.is_open() || s.replicas.contains(to) {
+                    return Err(Rejection::BadMove);
+                }
+                s.replicas[slot] = *to;
+                Ok(Outcome::ReplicaMoved)
             }
         }
     }

@@ -204,6 +204,8 @@ fn node_args(cfg: &ClusterConfig, i: usize) -> Args {
         format!("--replication-factor={}", cfg.replication_factor),
         "--monitor-check-ms=200".into(),
         "--request-timeout-ms=3000".into(),
+        // Short enough that nodes down for a while get their sealed segments moved.
+        "--re-replicate-after-ms=4000".into(),
     ];
     if i > 0 {
         argv.push(format!("--join={}:{RAFT_PORT}", node_ip(0)));

@@ -39,6 +39,32 @@ fn report(topic: &str, segment: u64, epoch: u64, committed: u64) -> Command {
 }
 
 #[test]
+fn move_replica_only_on_sealed_segments_and_idempotent() {
+    let mut m = cluster(4);
+    create(&mut m, "logs");
+    let mv = |from: u64, to: u64| Command::MoveReplica {
+        topic: "logs".into(),
+        segment: SegmentId(0),
+        from: NodeId(from),
+        to: NodeId(to),
+    };
+    // Open: refused, nothing changes.
+    assert_eq!(m.apply(&mv(2, 4)), Err(Rejection::BadMove));
+    m.apply(&seal("logs", 0, 0, 5)).unwrap();
+    assert_eq!(m.apply(&mv(2, 4)), Ok(Outcome::ReplicaMoved));
+    let seg = &m.topic("logs").unwrap().segments[0];
+    assert_eq!(seg.replicas, vec![NodeId(1), NodeId(4), NodeId(3)]);
+    assert_eq!(seg.sealed_entries(), Some(5));
+    // A repeat (the end state already holds) is a no-op; a move onto an existing replica or
+    // from a node that is not one is refused.
+    assert_eq!(m.apply(&mv(2, 4)), Ok(Outcome::Unchanged));
+    assert_eq!(m.apply(&mv(1, 3)), Err(Rejection::BadMove));
+    assert_eq!(m.apply(&mv(2, 2)), Err(Rejection::BadMove));
+    assert_eq!(m.apply(&mv(1, 9)), Err(Rejection::UnknownNode));
+    m.check_invariants().unwrap();
+}
+
+#[test]
 fn create_topic_is_idempotent_and_places_three_replicas() {
     let mut m = cluster(4);
     assert_eq!(
@@ -365,6 +391,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
             topic,
             from,
             to
+        }),
+        (topic.clone(), small.clone(), 1u64..5, 1u64..5).prop_map(|(topic, s, f, t)| {
+            Command::MoveReplica {
+                topic,
+                segment: SegmentId(s),
+                from: NodeId(f),
+                to: NodeId(t),
+            }
         }),
         (topic, 0u64..20).prop_map(|(topic, offset)| Command::CommitGroup {
             topic,

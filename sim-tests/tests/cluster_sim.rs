@@ -142,9 +142,10 @@ fn cluster_swarm() {
     let mut faults: BTreeMap<ClusterFault, u64> = BTreeMap::new();
     let (mut acked, mut delivered, mut failures, mut leaders, mut seals, mut lost, mut syncs) =
         (0, 0, 0, 0, 0, 0, 0);
-    let (mut sim_ms, mut failovers) = (0, 0);
+    let (mut sim_ms, mut failovers, mut moves) = (0, 0, 0);
     for r in &reports {
         failovers += r.failovers;
+        moves += r.replica_moves;
         for (k, v) in &r.faults {
             *faults.entry(*k).or_default() += v;
         }
@@ -160,7 +161,7 @@ fn cluster_swarm() {
     println!(
         "Tier B: {n} seeds ({first}..{}) in {secs:.1} s ({:.2} seeds/s, {:.0} simulated s); \
          {acked} PUTs acknowledged, {failures} failed, {delivered} entries delivered; \
-         {leaders} metadata leaders (elections), {seals} segments sealed ({failovers} by failover); crashes lost or tore \
+         {leaders} metadata leaders (elections), {seals} segments sealed ({failovers} by failover), {moves} sealed replicas moved; crashes lost or tore \
          {lost} unsynced writes; {syncs} fsyncs failed; faults {faults:?}",
         first + n,
         n as f64 / secs,

@@ -32,6 +32,13 @@ pub struct Samples {
     sealed: BTreeMap<(String, u64), (u64, u64)>,
     /// Sealed segments that a failover sealed (their epoch was bumped).
     recovered: BTreeSet<(String, u64)>,
+    /// Replica sets of sealed segments as last seen, and how often one changed (a replica
+    /// moved off a dead node).
+    sealed_replicas: BTreeMap<(String, u64), Vec<u64>>,
+    replica_moves: u64,
+    /// The applied index at which each sealed segment's replica set was last recorded (a
+    /// lagging node must not count an old set as a change back).
+    replicas_seen_at: BTreeMap<(String, u64), Option<u64>>,
     /// (topic, segment) -> the node that appended to it.
     writer: BTreeMap<(String, u64), u64>,
     /// topic -> first offset -> (entries, node, segment) of every successful local append.
@@ -159,7 +166,7 @@ fn sample(world: &World) -> Result<(), Violation> {
             s.leaders.insert((term, id));
         }
         let seen = node.state_machine().read_applied(|idx, md| {
-            let sealed: Vec<(String, u64, u64, u64, Option<u64>, u64)> = md
+            let sealed: Vec<(String, u64, u64, u64, Option<u64>, u64, Vec<u64>)> = md
                 .topics()
                 .iter()
                 .flat_map(|(name, t)| {
@@ -172,6 +179,7 @@ fn sample(world: &World) -> Result<(), Violation> {
                                 n,
                                 seg.leader().map(|l| l.0),
                                 seg.epoch.0,
+                                seg.replicas.iter().map(|r| r.0).collect(),
                             )
                         })
                     })
@@ -219,8 +227,23 @@ fn sample(world: &World) -> Result<(), Violation> {
                 );
             }
         }
-        for (topic, seg, base, entries, leader, epoch) in sealed {
+        for (topic, seg, base, entries, leader, epoch, replicas) in sealed {
             let key = (topic.clone(), seg);
+            match s.sealed_replicas.get(&key) {
+                Some(was)
+                    if *was != replicas
+                        && idx > s.replicas_seen_at.get(&key).copied().flatten() =>
+                {
+                    s.replica_moves += 1;
+                    s.sealed_replicas.insert(key.clone(), replicas);
+                    s.replicas_seen_at.insert(key.clone(), idx);
+                }
+                Some(_) => {}
+                None => {
+                    s.sealed_replicas.insert(key.clone(), replicas);
+                    s.replicas_seen_at.insert(key.clone(), idx);
+                }
+            }
             if epoch > 0 {
                 s.recovered.insert(key.clone());
             }
@@ -352,12 +375,13 @@ pub async fn converged(world: &World, bound: Duration) -> Result<(), String> {
 }
 
 /// (metadata leaders observed, segments seen sealed).
-pub fn final_counts(world: &World) -> (u64, u64, u64) {
+pub fn final_counts(world: &World) -> (u64, u64, u64, u64) {
     let s = world.samples.lock().unwrap();
     (
         s.leaders.len() as u64,
         s.sealed.len() as u64,
         s.recovered.len() as u64,
+        s.replica_moves,
     )
 }
 

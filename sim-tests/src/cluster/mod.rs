@@ -64,6 +64,8 @@ pub struct ClusterReport {
     pub seals: u64,
     /// Segments sealed by a failover (their leader's lease lapsed).
     pub failovers: u64,
+    /// Sealed-segment replicas moved off a node that stayed dead.
+    pub replica_moves: u64,
     /// Unsynced writes lost or torn by crashes, over all disks.
     pub writes_lost: u64,
     /// Fsyncs that failed, over all disks.
@@ -347,7 +349,7 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
     }
     sampler.abort();
     supervisor.abort();
-    let (raft_leaders, seals, failovers) = checkers::final_counts(&world);
+    let (raft_leaders, seals, failovers, replica_moves) = checkers::final_counts(&world);
 
     let mut report = ClusterReport {
         seed: cfg.seed,
@@ -355,6 +357,7 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         raft_leaders,
         seals,
         failovers,
+        replica_moves,
         ..ClusterReport::default()
     };
     for d in &disks {

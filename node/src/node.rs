@@ -1432,7 +1432,7 @@ impl Node {
                 *lock(&self.grants) = Grants::default();
                 while rx.try_recv().is_ok() {}
             }
-            if tick % RE_REPLICATION_EVERY_TICKS == 0 {
+            if tick.is_multiple_of(RE_REPLICATION_EVERY_TICKS) {
                 self.re_replicate(&mut dead_since);
             }
             let now = self.now_ms();

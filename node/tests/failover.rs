@@ -144,6 +144,23 @@ fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) 
     }
 }
 
+/// Waits (bounded) until the node behind `c` knows a metadata leader outside `dead`. Until
+/// then a GET's cursor claim may have an unknown outcome, and at-least-once hands the same
+/// entry out again.
+fn wait_metadata_leader_not(c: &mut Client, dead: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = ok(eventually(c, b"METRICS")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        let leader = v["raft"]["current_leader"].as_u64();
+        if leader.is_some_and(|l| !dead.contains(&l)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no new metadata leader: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A counter from `METRICS`, summed over the given running nodes.
 fn metric_sum(nodes: &[&NodeProc], name: &str) -> u64 {
     nodes
@@ -275,17 +292,7 @@ fn failover_a_wiped_node_rejoins_and_is_repopulated() {
     // at-least-once would hand the same entry out again).
     nodes[0].kill();
     let mut c3 = nodes[2].client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = ok(eventually(&mut c3, b"METRICS")).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
-        let leader = v["raft"]["current_leader"].as_u64();
-        if leader.is_some() && leader != Some(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no new metadata leader: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_metadata_leader_not(&mut c3, &[1]);
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while got.len() < acked.len() && Instant::now() < deadline {
@@ -293,6 +300,92 @@ fn failover_a_wiped_node_rejoins_and_is_repopulated() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(got, acked);
+}
+
+/// Replica sets of the sealed segments of `topic`, in chain order, from `STATE`.
+fn sealed_replicas(c: &mut Client, topic: &str) -> Vec<Vec<u64>> {
+    let state = ok(eventually(c, format!("STATE {topic}").as_bytes())).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["sealed"] == true)
+        .map(|s| {
+            s["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn failover_sealed_segments_of_a_node_that_stays_down_move_to_another_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        ("WALRUS_MAX_SEGMENT_ENTRIES", "5"),
+        ("WALRUS_RE_REPLICATE_AFTER_MS", "1000"),
+    ];
+    let mut nodes = cluster_of(5, tmp.path(), &env);
+    let mut c = nodes[0].client();
+    assert_eq!(eventually(&mut c, b"REGISTER mv"), Reply::Ok(None));
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let p = format!("m{i}").into_bytes();
+        ok(eventually(&mut c, &[b"PUT mv ".as_slice(), &p].concat()));
+        acked.push(p);
+    }
+    // Wait until the four full segments are sealed, then take down a replica of the first.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sealed_replicas(&mut c, "mv").len() < 4 {
+        assert!(Instant::now() < deadline, "segments not sealed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = sealed_replicas(&mut c, "mv");
+    let victim = *before[0].iter().find(|&&r| r != 1).unwrap();
+    nodes[victim as usize - 1].kill();
+    // The failure detector marks it dead (about 2 s); 1 s later its sealed segments move.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let now = sealed_replicas(&mut c, "mv");
+        if now.iter().all(|r| !r.contains(&victim)) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {victim} still holds sealed segments: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(after.iter().all(|r| r.len() == 3), "{after:?}");
+    let live: Vec<&NodeProc> = nodes.iter().filter(|n| n.id != victim).collect();
+    assert!(metric_sum(&live, "replicas_moved") >= 1);
+    // The victim returns; then the two original replicas of the first segment that kept it go
+    // down. Only the node it moved to holds it now, and every entry still reads back in order
+    // (3 of 5 nodes keep the metadata available).
+    nodes[victim as usize - 1].restart();
+    drop(nodes[victim as usize - 1].client());
+    let moved_to = *after[0].iter().find(|r| !before[0].contains(r)).unwrap();
+    let originals: Vec<u64> = after[0]
+        .iter()
+        .copied()
+        .filter(|&r| r != moved_to)
+        .collect();
+    for &o in &originals {
+        nodes[o as usize - 1].kill();
+    }
+    let mut cz = nodes[moved_to as usize - 1].client();
+    wait_metadata_leader_not(&mut cz, &originals);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    while got.len() < acked.len() && Instant::now() < deadline {
+        got.extend(drain(&mut cz, "mv", 100));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got, acked, "segment 0 moved from {victim} to {moved_to}");
 }
 
 #[test]

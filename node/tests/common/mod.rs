@@ -161,13 +161,25 @@ pub fn eventually(c: &mut Client, body: &[u8]) -> Reply {
 
 /// Starts a 3-node cluster (ids 1, 2, 3) in `dir` and returns it with a ready client each.
 pub fn cluster(dir: &Path, env: &[(&str, &str)]) -> Vec<NodeProc> {
+    cluster_of(3, dir, env)
+}
+
+/// Starts a cluster of `n` nodes (ids 1..=n, each joining through node 1), each ready.
+pub fn cluster_of(n: u64, dir: &Path, env: &[(&str, &str)]) -> Vec<NodeProc> {
     let first = NodeProc::start(1, &dir.join("n1"), None, env);
     drop(first.client());
-    let second = NodeProc::start(2, &dir.join("n2"), Some(first.raft_port), env);
-    drop(second.client());
-    let third = NodeProc::start(3, &dir.join("n3"), Some(first.raft_port), env);
-    drop(third.client());
-    vec![first, second, third]
+    let mut nodes = vec![first];
+    for id in 2..=n {
+        let node = NodeProc::start(
+            id,
+            &dir.join(format!("n{id}")),
+            Some(nodes[0].raft_port),
+            env,
+        );
+        drop(node.client());
+        nodes.push(node);
+    }
+    nodes
 }
 
 /// GETs from `c` until `EMPTY` (bounded), returning the payloads.

@@ -45,6 +45,17 @@ pub struct Samples {
     appended: BTreeMap<String, BTreeMap<u64, (u64, u64, u64)>>,
 }
 
+/// A sealed segment as one node's metadata shows it.
+struct SealedSeen {
+    topic: String,
+    seg: u64,
+    base: u64,
+    entries: u64,
+    leader: Option<u64>,
+    epoch: u64,
+    replicas: Vec<u64>,
+}
+
 /// Samples every running node until aborted.
 pub async fn sample_loop(world: Arc<World>) {
     loop {
@@ -166,21 +177,19 @@ fn sample(world: &World) -> Result<(), Violation> {
             s.leaders.insert((term, id));
         }
         let seen = node.state_machine().read_applied(|idx, md| {
-            let sealed: Vec<(String, u64, u64, u64, Option<u64>, u64, Vec<u64>)> = md
+            let sealed: Vec<SealedSeen> = md
                 .topics()
                 .iter()
                 .flat_map(|(name, t)| {
                     t.segments.iter().filter_map(move |seg| {
-                        seg.sealed_entries().map(|n| {
-                            (
-                                name.clone(),
-                                seg.id.0,
-                                seg.base_offset,
-                                n,
-                                seg.leader().map(|l| l.0),
-                                seg.epoch.0,
-                                seg.replicas.iter().map(|r| r.0).collect(),
-                            )
+                        seg.sealed_entries().map(|n| SealedSeen {
+                            topic: name.clone(),
+                            seg: seg.id.0,
+                            base: seg.base_offset,
+                            entries: n,
+                            leader: seg.leader().map(|l| l.0),
+                            epoch: seg.epoch.0,
+                            replicas: seg.replicas.iter().map(|r| r.0).collect(),
                         })
                     })
                 })
@@ -227,7 +236,16 @@ fn sample(world: &World) -> Result<(), Violation> {
                 );
             }
         }
-        for (topic, seg, base, entries, leader, epoch, replicas) in sealed {
+        for SealedSeen {
+            topic,
+            seg,
+            base,
+            entries,
+            leader,
+            epoch,
+            replicas,
+        } in sealed
+        {
             let key = (topic.clone(), seg);
             match s.sealed_replicas.get(&key) {
                 Some(was)

@@ -1,7 +1,9 @@
 //! The client wire protocol (byte-compatible with upstream walrus): frames and commands.
 //!
 //! A frame is `[u32 little-endian length][body]`. Request bodies are `REGISTER <topic>`,
-//! `PUT <topic> <payload>`, `GET <topic>`, `STATE <topic>` and `METRICS`; reply bodies are
+//! `PUT <topic> <payload>`, `GET <topic>`, `STATE <topic>` and `METRICS` (upstream's), plus
+//! `PUTD <durability> <topic> <payload>` (a PUT acknowledged at the named level, answered
+//! `OK <offset> <durability>`); reply bodies are
 //! `OK`, `OK <payload>`, `EMPTY` and `ERR <reason>`. Payloads are arbitrary bytes: the frame
 //! gives their length, and they are never trimmed or re-encoded. Pure functions over bytes; the
 //! shells own the sockets.
@@ -53,6 +55,56 @@ pub fn put_frame(out: &mut Vec<u8>, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// When a PUT is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Durability {
+    /// Once a majority of the segment's replicas have fsynced it.
+    QuorumFsync,
+    /// Once a majority of the segment's replicas have written it (page cache, no fsync).
+    QuorumMemory,
+    /// Once the segment leader has fsynced it.
+    LeaderFsync,
+    /// Once the segment leader has written it (page cache).
+    None,
+}
+
+impl Durability {
+    /// Every level, strongest first.
+    pub const ALL: [Durability; 4] = [
+        Durability::QuorumFsync,
+        Durability::QuorumMemory,
+        Durability::LeaderFsync,
+        Durability::None,
+    ];
+
+    /// The level's name on the wire and in flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::QuorumFsync => "quorum-fsync",
+            Durability::QuorumMemory => "quorum-memory",
+            Durability::LeaderFsync => "leader-fsync",
+            Durability::None => "none",
+        }
+    }
+
+    /// Parses a level name (exact, lower case).
+    pub fn parse(name: &[u8]) -> Option<Durability> {
+        Durability::ALL
+            .into_iter()
+            .find(|d| d.name().as_bytes() == name)
+    }
+
+    /// Whether the acknowledgement waits for a majority of the replicas.
+    pub fn needs_quorum(self) -> bool {
+        matches!(self, Durability::QuorumFsync | Durability::QuorumMemory)
+    }
+
+    /// Whether the acknowledgement waits for fsync.
+    pub fn needs_fsync(self) -> bool {
+        matches!(self, Durability::QuorumFsync | Durability::LeaderFsync)
+    }
+}
+
 /// A client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<'a> {
@@ -60,6 +112,8 @@ pub enum Command<'a> {
     Register(&'a str),
     /// `PUT <topic> <payload>`: append one entry.
     Put(&'a str, &'a [u8]),
+    /// `PUTD <durability> <topic> <payload>`: append one entry, acknowledged at that level.
+    PutWith(Durability, &'a str, &'a [u8]),
     /// `GET <topic>`: the next entry at the topic's shared cursor.
     Get(&'a str),
     /// `STATE <topic>`: the topic's segments as JSON.
@@ -86,6 +140,9 @@ pub enum CommandError {
     /// The topic name is not valid.
     #[error("invalid topic: {0}")]
     Topic(#[from] TopicNameError),
+    /// Not one of the durability levels.
+    #[error("unknown durability {0:?} (quorum-fsync, quorum-memory, leader-fsync or none)")]
+    Durability(String),
 }
 
 /// Parses a request body. Verbs are case-insensitive, as upstream; the topic ends at the first
@@ -114,12 +171,19 @@ pub fn parse_command(body: &[u8]) -> Result<Command<'_>, CommandError> {
             })
         }
         "PUT" => {
-            let (topic, _) = topic_word("PUT", rest)?;
-            // After the topic must come exactly one space; everything after it is the payload.
-            match rest[topic.len()..].split_first() {
-                Some((b' ', payload)) => Ok(Command::Put(topic, payload)),
-                _ => Err(CommandError::Missing("PUT", "a payload")),
+            let (topic, payload) = put_args("PUT", rest)?;
+            Ok(Command::Put(topic, payload))
+        }
+        "PUTD" => {
+            let (level, rest) = split_word(rest);
+            if level.is_empty() {
+                return Err(CommandError::Missing("PUTD", "a durability"));
             }
+            let level = Durability::parse(level).ok_or_else(|| {
+                CommandError::Durability(String::from_utf8_lossy(level).into_owned())
+            })?;
+            let (topic, payload) = put_args("PUTD", rest)?;
+            Ok(Command::PutWith(level, topic, payload))
         }
         "METRICS" => {
             if rest.is_empty() {
@@ -134,6 +198,16 @@ pub fn parse_command(body: &[u8]) -> Result<Command<'_>, CommandError> {
     }
 }
 
+/// `<topic> <payload>`: after the topic comes exactly one space; everything after it is the
+/// payload.
+fn put_args<'a>(verb: &'static str, rest: &'a [u8]) -> Result<(&'a str, &'a [u8]), CommandError> {
+    let (topic, _) = topic_word(verb, rest)?;
+    match rest[topic.len()..].split_first() {
+        Some((b' ', payload)) => Ok((topic, payload)),
+        _ => Err(CommandError::Missing(verb, "a payload")),
+    }
+}
+
 /// Encodes a request body.
 pub fn encode_command(cmd: &Command<'_>) -> Vec<u8> {
     match cmd {
@@ -143,6 +217,11 @@ pub fn encode_command(cmd: &Command<'_>) -> Vec<u8> {
         Command::Metrics => b"METRICS".to_vec(),
         Command::Put(t, p) => {
             let mut b = format!("PUT {t} ").into_bytes();
+            b.extend_from_slice(p);
+            b
+        }
+        Command::PutWith(d, t, p) => {
+            let mut b = format!("PUTD {} {t} ", d.name()).into_bytes();
             b.extend_from_slice(p);
             b
         }
@@ -214,6 +293,30 @@ fn split_word(b: &[u8]) -> (&[u8], &[u8]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn putd_rejects_bad_levels_and_missing_parts() {
+        assert_eq!(
+            parse_command(b"PUTD quorum-fsync t x"),
+            Ok(Command::PutWith(Durability::QuorumFsync, "t", b"x"))
+        );
+        assert_eq!(
+            parse_command(b"putd none t "),
+            Ok(Command::PutWith(Durability::None, "t", b""))
+        );
+        assert_eq!(
+            parse_command(b"PUTD fast t x"),
+            Err(CommandError::Durability("fast".into()))
+        );
+        assert_eq!(
+            parse_command(b"PUTD"),
+            Err(CommandError::Missing("PUTD", "a durability"))
+        );
+        assert_eq!(
+            parse_command(b"PUTD leader-fsync t"),
+            Err(CommandError::Missing("PUTD", "a payload"))
+        );
+    }
 
     #[test]
     fn commands_parse_as_upstream_sends_them() {
@@ -291,6 +394,14 @@ mod tests {
             prop_assert_eq!(parse_command(&body), Ok(Command::Put(&topic, &payload)));
             let reply = Reply::Ok(Some(payload.clone()));
             prop_assert_eq!(parse_reply(&encode_reply(&reply)), reply);
+        }
+
+        #[test]
+        fn putd_round_trips_every_level(topic in "[A-Za-z0-9._-]{1,20}", payload in proptest::collection::vec(any::<u8>(), 0..200), level in 0usize..4) {
+            prop_assume!(topic != "." && topic != "..");
+            let d = Durability::ALL[level];
+            let body = encode_command(&Command::PutWith(d, &topic, &payload));
+            prop_assert_eq!(parse_command(&body), Ok(Command::PutWith(d, &topic, &payload)));
         }
     }
 }

@@ -22,7 +22,8 @@ use walrus_core::cluster::recovery::{Phase, Recovery, RecoveryInput};
 use walrus_core::cluster::{Effect, Epoch, NodeId, PeerMsg, SegmentId, SegmentRef};
 
 use crate::meta::{MetaResponse, Raft, StateMachine};
-use crate::rpc::{Peers, RpcClient, RpcRequest, RpcResponse};
+use crate::rpc::{Peers, ReplicaHeld, RpcClient, RpcRequest, RpcResponse};
+pub use walrus_core::wire::Durability;
 
 /// How often the leader of an open segment reports its committed length to the metadata group.
 const COMMIT_REPORT_INTERVAL: Duration = Duration::from_millis(50);
@@ -71,12 +72,11 @@ pub struct NodeConfig {
     pub monitor_check: Duration,
     /// Longest a client request may take before it gets `ERR`.
     pub request_timeout: Duration,
-    /// Whether a PUT is acknowledged only after the leader's fsync (`leader-fsync`) or as soon
-    /// as it is written (`none`).
-    pub durable_acks: bool,
-    /// Whether a PUT also waits until a majority of its segment's replicas hold it durably
-    /// (`quorum-fsync`). Otherwise replicas are brought up to date in the background.
-    pub quorum_acks: bool,
+    /// The level a plain `PUT` is acknowledged at (`PUTD` names its own). It also decides
+    /// whether the segment store fsyncs every write (`quorum-fsync`, `leader-fsync`) and what
+    /// readers may see: with a quorum level, only what a majority holds (fsynced, for
+    /// `quorum-fsync`).
+    pub durability: Durability,
     /// Segment-leader lease length (the failover timing derives from it).
     pub lease_ms: u64,
     /// How long a node must stay dead before its sealed segments are copied to another node.
@@ -160,8 +160,12 @@ struct Replication {
 struct ReplicationState {
     /// Segment -> replica -> entries it last reported holding durably.
     lengths: BTreeMap<SegmentId, BTreeMap<NodeId, u64>>,
+    /// Segment -> replica -> entries it last reported fsynced.
+    durable: BTreeMap<SegmentId, BTreeMap<NodeId, u64>>,
     /// Segment -> the length its replicas should reach.
     wanted: BTreeMap<SegmentId, u64>,
+    /// Segment -> the length its replicas should have fsynced.
+    wanted_durable: BTreeMap<SegmentId, u64>,
     /// Replicas with a push running.
     pushing: BTreeSet<(SegmentId, NodeId)>,
 }
@@ -170,6 +174,15 @@ impl ReplicationState {
     /// Entries `replica` last reported holding of `seg` (0 if it never answered).
     fn length(&self, seg: SegmentId, replica: NodeId) -> u64 {
         self.lengths
+            .get(&seg)
+            .and_then(|m| m.get(&replica))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Entries `replica` last reported fsynced of `seg` (0 if not known).
+    fn durable(&self, seg: SegmentId, replica: NodeId) -> u64 {
+        self.durable
             .get(&seg)
             .and_then(|m| m.get(&replica))
             .copied()
@@ -208,7 +221,7 @@ impl Node {
         let data = Walrus::builder()
             .data_dir(cfg.data_dir.join("segments"))
             // `none` acknowledges from the page cache: nothing is fsynced on the write path.
-            .fsync_schedule(if cfg.durable_acks {
+            .fsync_schedule(if cfg.durability.needs_fsync() {
                 FsyncSchedule::SyncEach
             } else {
                 FsyncSchedule::NoFsync
@@ -398,18 +411,15 @@ impl Node {
 
     // ------------------------------------------------------------------ PUT
 
-    /// Appends `payload` to `topic` (created if needed) and returns its topic-wide offset.
+    /// Appends `payloads` to `topic` (created if needed) as one atomic batch (one group
+    /// commit, consecutive offsets, in order) and returns the offset of the first, once the
+    /// write meets `level`; a level that cannot be met in the request timeout is `ERR`.
     /// `forwarded` marks a request another node routed here: it is never forwarded again.
-    pub async fn put(&self, topic: &str, payload: &[u8], forwarded: bool) -> Result<u64, Failure> {
-        self.put_batch(topic, &[payload], forwarded).await
-    }
-
-    /// Appends `payloads` to `topic` as one atomic batch (one group commit, consecutive
-    /// offsets, in order) and returns the offset of the first.
     pub async fn put_batch(
         &self,
         topic: &str,
         payloads: &[&[u8]],
+        level: Durability,
         forwarded: bool,
     ) -> Result<u64, Failure> {
         self.counters
@@ -441,10 +451,13 @@ impl Node {
             if leader == self.me() {
                 match self.append_local(topic, &seg, payloads)? {
                     Some(offset) => {
+                        if level.needs_fsync() && !self.store_fsyncs() {
+                            self.sync_store()?;
+                        }
                         if seg.replicas.len() > 1 {
                             let end = offset - seg.base_offset + payloads.len() as u64;
-                            let quorum = self.replicate(topic, &seg, end);
-                            if self.cfg.quorum_acks {
+                            let quorum = self.replicate(topic, &seg, end, level.needs_fsync());
+                            if level.needs_quorum() {
                                 let remaining = deadline.saturating_duration_since(Instant::now());
                                 match tokio::time::timeout(remaining, quorum).await {
                                     Ok(true) => {}
@@ -483,6 +496,7 @@ impl Node {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let req = RpcRequest::Put {
                 topic: topic.to_string(),
+                durability: level,
                 payloads: payloads.iter().map(|p| p.to_vec()).collect(),
             };
             match self.peers.get(&addr).call(&req, remaining).await {
@@ -515,6 +529,7 @@ impl Node {
         topic: &str,
         seg: &SegmentMeta,
         end: u64,
+        durable: bool,
     ) -> impl std::future::Future<Output = bool> {
         let need = walrus_core::cluster::majority(seg.replicas.len()).saturating_sub(1);
         let others: Vec<NodeId> = seg
@@ -528,6 +543,10 @@ impl Node {
             let mut st = lock(&self.replication.state);
             let w = st.wanted.entry(seg.id).or_default();
             *w = (*w).max(end);
+            if durable {
+                let w = st.wanted_durable.entry(seg.id).or_default();
+                *w = (*w).max(end);
+            }
             for &r in &others {
                 // One push per replica at a time; a running one picks up the new target.
                 if st.pushing.insert((seg.id, r)) {
@@ -558,7 +577,17 @@ impl Node {
                 changed.as_mut().enable();
                 let holding = {
                     let st = lock(&repl.state);
-                    others.iter().filter(|&&r| st.length(id, r) >= end).count()
+                    others
+                        .iter()
+                        .filter(|&&r| {
+                            let held = if durable {
+                                st.durable(id, r)
+                            } else {
+                                st.length(id, r)
+                            };
+                            held >= end
+                        })
+                        .count()
                 };
                 if holding >= need {
                     return true;
@@ -576,9 +605,10 @@ impl Node {
         topic: &str,
         segment: u64,
         epoch: u64,
+        sync: bool,
         position: u64,
         payloads: &[Vec<u8>],
-    ) -> Result<u64, Failure> {
+    ) -> Result<ReplicaHeld, Failure> {
         let seg = SegmentId(segment);
         // One writer per segment at a time: the check and the append below are one step, and a
         // fence (which takes the same lock) sees either all of it or none.
@@ -593,7 +623,16 @@ impl Node {
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
         }
-        self.append_at(topic, seg, position, payloads)
+        let written = self.append_at(topic, seg, position, payloads)?;
+        let durable = if self.store_fsyncs() {
+            written
+        } else if sync {
+            self.sync_store()?;
+            written
+        } else {
+            0
+        };
+        Ok(ReplicaHeld { written, durable })
     }
 
     /// Appends `payloads` (entries `position..` of the segment) after the entries held here,
@@ -626,9 +665,10 @@ impl Node {
     /// included): what readers may see.
     fn quorum_length(&self, topic: &str, seg: &SegmentMeta) -> u64 {
         let local = self.data.entry_count(&segment_key(topic, seg.id));
-        if seg.replicas.len() <= 1 || !self.cfg.quorum_acks {
+        if seg.replicas.len() <= 1 || !self.cfg.durability.needs_quorum() {
             return local;
         }
+        let fsynced = self.cfg.durability.needs_fsync();
         let st = lock(&self.replication.state);
         let mut all: Vec<u64> = seg
             .replicas
@@ -636,6 +676,8 @@ impl Node {
             .map(|&r| {
                 if r == self.me() {
                     local
+                } else if fsynced {
+                    st.durable(seg.id, r)
                 } else {
                     st.length(seg.id, r)
                 }
@@ -818,7 +860,7 @@ impl Node {
             }
             let append = || self.data.batch_append(&key, payloads);
             #[cfg(not(madsim))]
-            let appended = if self.cfg.durable_acks {
+            let appended = if self.store_fsyncs() {
                 // The append blocks for its fsync (group commit): keep this runtime worker's
                 // other tasks moving meanwhile.
                 tokio::task::block_in_place(append)
@@ -863,7 +905,7 @@ impl Node {
             // Seal only what a majority holds: a PUT still waiting for its quorum may yet be
             // acknowledged, and a sealed entry on this node alone would be unreadable if it
             // failed.
-            let quorum = self.replicate(topic, seg, entries);
+            let quorum = self.replicate(topic, seg, entries, self.store_fsyncs());
             let _ = tokio::time::timeout(QUORUM_PROBE_WAIT, quorum).await;
             if self.quorum_length(topic, seg) < entries {
                 return Err("replicas lag the segment; seal retried".into());
@@ -992,7 +1034,7 @@ impl Node {
         if count < local {
             // Replicas lag (or, after a restart, this node has not heard from them yet): push,
             // and give a quorum a moment to answer.
-            let quorum = self.replicate(topic, &seg, local);
+            let quorum = self.replicate(topic, &seg, local, self.store_fsyncs());
             let _ = tokio::time::timeout(QUORUM_PROBE_WAIT, quorum).await;
             count = self.quorum_length(topic, &seg);
         }
@@ -1167,11 +1209,23 @@ impl Node {
 
     /// The durability level PUTs are acknowledged at (`STATE`, `METRICS`).
     fn durability_name(&self) -> &'static str {
-        match (self.cfg.quorum_acks, self.cfg.durable_acks) {
-            (true, _) => "quorum-fsync",
-            (false, true) => "leader-fsync",
-            (false, false) => "none",
-        }
+        self.cfg.durability.name()
+    }
+
+    /// Whether the segment store fsyncs every write before it returns.
+    fn store_fsyncs(&self) -> bool {
+        self.cfg.durability.needs_fsync()
+    }
+
+    /// Fsyncs the segment store (for a write acknowledged at an fsync level on a node whose
+    /// store does not fsync every write).
+    fn sync_store(&self) -> Result<(), Failure> {
+        let sync = || self.data.sync();
+        #[cfg(not(madsim))]
+        let synced = tokio::task::block_in_place(sync);
+        #[cfg(madsim)]
+        let synced = sync();
+        synced.map_err(|e| format!("fsync failed: {e}"))
     }
 
     /// The request counters.
@@ -1782,27 +1836,33 @@ impl Push {
         let client = self.client.as_ref().ok_or("no address for the replica")?;
         let key = segment_key(&self.topic, self.segment);
         loop {
-            let (from, target) = {
+            let (from, target, sync) = {
                 let mut st = lock(&self.repl.state);
                 let target = st.wanted.get(&self.segment).copied().unwrap_or(0);
+                let target_durable = st.wanted_durable.get(&self.segment).copied().unwrap_or(0);
                 let held = st.length(self.segment, self.replica);
-                if held >= target {
+                let durable = st.durable(self.segment, self.replica);
+                if held >= target && durable >= target_durable {
                     // Done; leaving `pushing` under the same lock lets the next writer start a
                     // new push.
                     st.pushing.remove(&(self.segment, self.replica));
                     return Ok(());
                 }
-                (held, target)
+                (held, target, durable < target_durable)
             };
-            let want = (target - from).min(CATCH_UP_ENTRIES_MAX) as usize;
-            let payloads: Vec<Vec<u8>> = self
-                .data
-                .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
-                .map_err(|e| format!("reading the entries to send: {e}"))?
-                .into_iter()
-                .map(|e| e.data)
-                .collect();
-            if payloads.is_empty() {
+            let want = (target.saturating_sub(from)).min(CATCH_UP_ENTRIES_MAX) as usize;
+            let payloads: Vec<Vec<u8>> = if want == 0 {
+                // Everything is written there; this round only asks for the fsync.
+                Vec::new()
+            } else {
+                self.data
+                    .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
+                    .map_err(|e| format!("reading the entries to send: {e}"))?
+                    .into_iter()
+                    .map(|e| e.data)
+                    .collect()
+            };
+            if payloads.is_empty() && want > 0 {
                 // Nothing here to send (this store is shorter than the target): no round can
                 // make progress, so stop instead of spinning.
                 return Err(format!("no entries at position {from} to send"));
@@ -1815,6 +1875,7 @@ impl Push {
                 topic: self.topic.clone(),
                 segment: self.segment.0,
                 epoch: self.epoch.0,
+                sync,
                 position: from,
                 payloads,
             };
@@ -1832,11 +1893,23 @@ impl Push {
                 Err(e) => return Err(e.to_string()),
             };
             // The latest answer, even if lower (a replica that lost data must not count).
-            lock(&self.repl.state)
-                .lengths
+            let mut st = lock(&self.repl.state);
+            let known = st.durable(self.segment, self.replica);
+            let durable = if held.durable >= held.written {
+                held.durable
+            } else {
+                // Not synced by this round: what was fsynced before, if still written.
+                known.min(held.written)
+            };
+            st.lengths
                 .entry(self.segment)
                 .or_default()
-                .insert(self.replica, held);
+                .insert(self.replica, held.written);
+            st.durable
+                .entry(self.segment)
+                .or_default()
+                .insert(self.replica, durable);
+            drop(st);
             self.repl.changed.notify_waiters();
         }
     }

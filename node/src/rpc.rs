@@ -50,6 +50,8 @@ pub enum RpcRequest {
     Put {
         /// Topic.
         topic: String,
+        /// The level to acknowledge at.
+        durability: walrus_core::wire::Durability,
         /// Payloads, in order.
         payloads: Vec<Vec<u8>>,
     },
@@ -61,6 +63,9 @@ pub enum RpcRequest {
         segment: u64,
         /// The epoch the sender leads; a replica fenced past it refuses.
         epoch: u64,
+        /// Fsync before answering (a write acknowledged at an fsync level on a node whose
+        /// store does not fsync every write).
+        sync: bool,
         /// Segment-relative position of the first entry.
         position: u64,
         /// The entries, in order.
@@ -136,7 +141,7 @@ pub enum RpcResponse {
     Put(Result<u64, String>),
     /// Entries of the segment the replica now holds durably (fewer than asked: it lacks
     /// entries before `position`, which the leader sends next).
-    Replicate(Result<u64, String>),
+    Replicate(Result<ReplicaHeld, String>),
     /// Entries read.
     Read(Result<Vec<Vec<u8>>, String>),
     /// Result of a commit report.
@@ -149,6 +154,16 @@ pub enum RpcResponse {
     Fence(Result<u64, String>),
     /// Entries of the sealed segment the replica holds now (a catch-up may still be running).
     SealAt(Result<u64, String>),
+}
+
+/// What a replica holds of a segment after a `Replicate`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ReplicaHeld {
+    /// Entries written (at least in its page cache).
+    pub written: u64,
+    /// Entries known fsynced (`written` when its store fsyncs every write or it just synced;
+    /// otherwise 0: not known).
+    pub durable: u64,
 }
 
 /// bincode settings for RPC bodies: fixed-width integers and a size limit on decode.

@@ -125,13 +125,16 @@ async fn handle_all(node: &Node, bodies: &[&[u8]]) -> Vec<Reply> {
             }
             if payloads.len() > 1 {
                 let timeout = node.config().request_timeout;
-                let result =
-                    match tokio::time::timeout(timeout, node.put_batch(topic, &payloads, false))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
-                    };
+                let level = node.config().durability;
+                let result = match tokio::time::timeout(
+                    timeout,
+                    node.put_batch(topic, &payloads, level, false),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+                };
                 for k in 0..payloads.len() as u64 {
                     replies.push(match &result {
                         Ok(first) => Reply::Ok(Some((first + k).to_string().into_bytes())),
@@ -163,9 +166,13 @@ async fn handle(node: &Node, body: &[u8]) -> Reply {
                 .await
                 .map(|_| Reply::Ok(None)),
             Command::Put(topic, payload) => node
-                .put(topic, payload, false)
+                .put_batch(topic, &[payload], node.config().durability, false)
                 .await
                 .map(|offset| Reply::Ok(Some(offset.to_string().into_bytes()))),
+            Command::PutWith(level, topic, payload) => node
+                .put_batch(topic, &[payload], level, false)
+                .await
+                .map(|offset| Reply::Ok(Some(format!("{offset} {}", level.name()).into_bytes()))),
             Command::Get(topic) => node.get(topic).await.map(|e| match e {
                 Some(data) => Reply::Ok(Some(data)),
                 None => Reply::Empty,
@@ -244,19 +251,24 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             raft_addr,
             client_addr,
         } => RpcResponse::Join(node.join(id, raft_addr, client_addr).await),
-        RpcRequest::Put { topic, payloads } => {
+        RpcRequest::Put {
+            topic,
+            durability,
+            payloads,
+        } => {
             let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
-            RpcResponse::Put(node.put_batch(&topic, &refs, true).await)
+            RpcResponse::Put(node.put_batch(&topic, &refs, durability, true).await)
         }
         RpcRequest::Replicate {
             topic,
             segment,
             epoch,
+            sync,
             position,
             payloads,
-        } => {
-            RpcResponse::Replicate(node.store_replica(&topic, segment, epoch, position, &payloads))
-        }
+        } => RpcResponse::Replicate(
+            node.store_replica(&topic, segment, epoch, sync, position, &payloads),
+        ),
         RpcRequest::Fence {
             topic,
             segment,

@@ -59,7 +59,7 @@ pub struct Args {
     /// replicas have fsynced it), `leader-fsync` (once the segment leader has; the other
     /// replicas follow in the background) or `none` (once it is in the leader's page cache;
     /// lost on power failure).
-    #[arg(long, env = "WALRUS_DURABILITY", default_value = "quorum-fsync", value_parser = ["quorum-fsync", "leader-fsync", "none"])]
+    #[arg(long, env = "WALRUS_DURABILITY", default_value = "quorum-fsync", value_parser = ["quorum-fsync", "quorum-memory", "leader-fsync", "none"])]
     pub durability: String,
     /// Replicas per segment: each new segment gets `min(this, live nodes)`, placed round-robin.
     #[arg(long, env = "WALRUS_REPLICATION_FACTOR", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
@@ -152,8 +152,8 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         max_segment_entries: args.max_segment_entries,
         monitor_check: Duration::from_millis(args.monitor_check_ms),
         request_timeout: Duration::from_millis(args.request_timeout_ms),
-        durable_acks: args.durability != "none",
-        quorum_acks: args.durability == "quorum-fsync",
+        durability: crate::node::Durability::parse(args.durability.as_bytes())
+            .ok_or_else(|| format!("unknown durability {}", args.durability))?,
         lease_ms: args.lease_ms,
         re_replicate_after: Duration::from_millis(args.re_replicate_after_ms),
     };

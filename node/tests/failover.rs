@@ -478,3 +478,60 @@ fn failover_chaos_a_random_node_killed_every_5s_for_60s_loses_no_acknowledged_wr
         metric_sum(&all, "re_replications")
     );
 }
+
+#[test]
+fn durability_levels_per_request_and_quorum_memory_survives_a_leader_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(tmp.path(), &[("WALRUS_DURABILITY", "quorum-memory")]);
+    let mut c = nodes[0].client();
+    assert_eq!(eventually(&mut c, b"REGISTER dl"), Reply::Ok(None));
+    let mut acked = Vec::new();
+    // A plain PUT is acknowledged at the node's level; PUTD names its own and the reply says
+    // which level was met.
+    ok(eventually(&mut c, b"PUT dl p0"));
+    acked.push(b"p0".to_vec());
+    for (i, level) in ["quorum-fsync", "quorum-memory", "leader-fsync", "none"]
+        .iter()
+        .enumerate()
+    {
+        let p = format!("d{i}");
+        let r = ok(eventually(
+            &mut c,
+            format!("PUTD {level} dl {p}").as_bytes(),
+        ))
+        .unwrap();
+        let r = String::from_utf8(r).unwrap();
+        assert!(r.ends_with(&format!(" {level}")), "{level}: {r}");
+        acked.push(p.into_bytes());
+    }
+    assert!(matches!(
+        c.request(b"PUTD fast dl x").unwrap(),
+        Reply::Err(e) if e.contains("unknown durability")
+    ));
+    let state = String::from_utf8(ok(eventually(&mut c, b"STATE dl")).unwrap()).unwrap();
+    assert!(
+        state.contains("\"durability\":\"quorum-memory\""),
+        "{state}"
+    );
+    for i in 0..20 {
+        let p = format!("m{i}").into_bytes();
+        ok(eventually(&mut c, &[b"PUT dl ".as_slice(), &p].concat()));
+        acked.push(p);
+    }
+    // Every acknowledged write was on a majority (in memory): a SIGKILL of the leader (which
+    // keeps the page cache) loses none of them.
+    let leader = open_leader(&mut c, "dl");
+    nodes[leader as usize - 1].kill();
+    let survivor = nodes.iter().find(|n| n.id != leader).unwrap();
+    let mut cs = survivor.client();
+    wait_metadata_leader_not(&mut cs, &[leader]);
+    ok(eventually(&mut cs, b"PUT dl after"));
+    acked.push(b"after".to_vec());
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < acked.len() && Instant::now() < deadline {
+        got.extend(drain(&mut cs, "dl", 100));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got, acked);
+}

@@ -83,7 +83,13 @@ fn writer(
 
 /// GETs `topic` through `c` until every acknowledged write of `logs` (writer id -> log) was
 /// delivered (bounded), and checks per writer: every acknowledged sequence number present,
-/// and the delivered ones strictly increasing (nothing reordered or duplicated).
+/// once, in increasing order (nothing acknowledged reordered or duplicated). A write that got
+/// `ERR` may or may not be kept, and when the forwarding node's timeout ran out while the
+/// leader still held it, it may land after the writer's next write: unacknowledged entries
+/// are not ordered by this check. The one
+/// exception is at-least-once redelivery: a GET whose cursor claim had an unknown outcome (the
+/// metadata leader changed under it) hands its entry out, and the next GET may hand out the
+/// same one again; such back-to-back repeats are counted and dropped.
 fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) {
     let mut delivered: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
     let want: usize = logs.values().map(|l| l.acked.len()).sum();
@@ -91,7 +97,8 @@ fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) 
     let deadline = Instant::now() + Duration::from_secs(120);
     let prefix = format!("{topic}/w");
     let body = format!("GET {topic}");
-    let (mut errs, mut empties) = (0u64, 0u64);
+    let (mut errs, mut empties, mut redelivered) = (0u64, 0u64, 0u64);
+    let mut previous: Option<(usize, u64)> = None;
     let mut last_err = String::new();
     while seen_acked < want && Instant::now() < deadline {
         let p = match c.request(body.as_bytes()).expect("GET") {
@@ -114,6 +121,10 @@ fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) 
             let rest = text.strip_prefix(&prefix).expect("a payload of this topic");
             let (w, seq) = rest.split_once('/').expect("writer/seq");
             let (w, seq): (usize, u64) = (w.parse().unwrap(), seq.parse().unwrap());
+            if previous.replace((w, seq)) == Some((w, seq)) {
+                redelivered += 1;
+                continue;
+            }
             if logs[&w].acked.binary_search_by_key(&seq, |a| a.0).is_ok() {
                 seen_acked += 1;
             }
@@ -122,14 +133,22 @@ fn check_topic(c: &mut Client, topic: &str, logs: &BTreeMap<usize, &WriterLog>) 
     }
     eprintln!(
         "{topic}: {seen_acked} of {want} acknowledged writes read back; GETs answered ERR \
-         {errs} times (last: {last_err:?}), EMPTY {empties} times"
+         {errs} times (last: {last_err:?}), EMPTY {empties} times; {redelivered} redelivered"
     );
     for (w, log) in logs {
-        let got = delivered.get(w).cloned().unwrap_or_default();
-        assert!(
-            got.windows(2).all(|p| p[0] < p[1]),
-            "{topic} writer {w}: delivered out of order or twice: {got:?}"
-        );
+        let got: Vec<u64> = delivered
+            .get(w)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|s| log.acked.binary_search_by_key(s, |a| a.0).is_ok())
+            .collect();
+        if let Some(i) = got.windows(2).position(|p| p[0] >= p[1]) {
+            panic!(
+                "{topic} writer {w}: delivered out of order or twice at index {i}: ...{:?}...",
+                &got[i.saturating_sub(5)..(i + 6).min(got.len())]
+            );
+        }
         let missing: Vec<u64> = log
             .acked
             .iter()

@@ -115,6 +115,9 @@ pub const HELP: &str = "\
 commands:
   REGISTER <topic>          create a topic
   PUT <topic> <payload>     append one entry (quote payloads with spaces: PUT logs \"a b\")
+  PUTD <level> <topic> <payload>
+                            append one entry acknowledged at a durability level:
+                            quorum-fsync, quorum-memory, leader-fsync or none
   GET <topic>               read the next entry at the topic's shared cursor
   STATE <topic>             the topic's segments as JSON
   METRICS                   node and Raft metrics as JSON
@@ -150,6 +153,11 @@ mod tests {
             b"PUT logs a b"
         );
         assert_eq!(words_to_request(&w("get logs")).unwrap(), b"GET logs");
+        assert_eq!(
+            words_to_request(&w(r#"putd quorum-memory logs "a b""#)).unwrap(),
+            b"PUTD quorum-memory logs a b"
+        );
+        assert!(words_to_request(&w("PUTD fast logs x")).is_err());
         assert_eq!(words_to_request(&w("metrics")).unwrap(), b"METRICS");
         assert!(words_to_request(&w("PUT logs")).is_err());
         assert!(words_to_request(&w("GET bad/topic")).is_err());

@@ -158,10 +158,10 @@ struct Replication {
 
 #[derive(Default)]
 struct ReplicationState {
-    /// Segment -> replica -> entries it last reported holding durably.
-    lengths: BTreeMap<SegmentId, BTreeMap<NodeId, u64>>,
+    /// Segment -> replica -> entries it last reported holding (written).
+    lengths: Reported,
     /// Segment -> replica -> entries it last reported fsynced.
-    durable: BTreeMap<SegmentId, BTreeMap<NodeId, u64>>,
+    durable: Reported,
     /// Segment -> the length its replicas should reach.
     wanted: BTreeMap<SegmentId, u64>,
     /// Segment -> the length its replicas should have fsynced.
@@ -170,23 +170,26 @@ struct ReplicationState {
     pushing: BTreeSet<(SegmentId, NodeId)>,
 }
 
+/// Segment -> replica -> a count it reported.
+type Reported = BTreeMap<SegmentId, BTreeMap<NodeId, u64>>;
+
+/// The count `replica` reported for `seg` in `map` (0 if it never answered).
+fn reported(map: &Reported, seg: SegmentId, replica: NodeId) -> u64 {
+    map.get(&seg)
+        .and_then(|m| m.get(&replica))
+        .copied()
+        .unwrap_or(0)
+}
+
 impl ReplicationState {
     /// Entries `replica` last reported holding of `seg` (0 if it never answered).
     fn length(&self, seg: SegmentId, replica: NodeId) -> u64 {
-        self.lengths
-            .get(&seg)
-            .and_then(|m| m.get(&replica))
-            .copied()
-            .unwrap_or(0)
+        reported(&self.lengths, seg, replica)
     }
 
     /// Entries `replica` last reported fsynced of `seg` (0 if not known).
     fn durable(&self, seg: SegmentId, replica: NodeId) -> u64 {
-        self.durable
-            .get(&seg)
-            .and_then(|m| m.get(&replica))
-            .copied()
-            .unwrap_or(0)
+        reported(&self.durable, seg, replica)
     }
 }
 

@@ -296,6 +296,21 @@ impl Node {
             .read(|m| m.nodes().get(&node).map(|n| n.addr.clone()))
     }
 
+    /// Applies `f` to segment `seg` of `topic` in the applied metadata (`None` if the topic or
+    /// the segment is gone). Searches from the open end, where recent segments are.
+    fn with_segment<R>(
+        &self,
+        topic: &str,
+        seg: SegmentId,
+        f: impl FnOnce(&SegmentMeta) -> R,
+    ) -> Option<R> {
+        self.sm.read(|m| {
+            m.topic(topic)
+                .and_then(|t| t.segments.iter().rev().find(|s| s.id == seg))
+                .map(f)
+        })
+    }
+
     /// Waits until the local state machine applies something new, or `max` passes.
     async fn wait_change(&self, max: Duration) {
         let mut rx = self.sm.subscribe();
@@ -618,11 +633,9 @@ impl Node {
         let gate = self.gate(seg);
         let _held = gate.write().unwrap_or_else(|p| p.into_inner());
         // Fenced by a recovery here, or (durably, through Raft) recovered at a newer epoch.
-        let recovered = self.sm.read(|m| {
-            m.topic(topic)
-                .and_then(|t| t.segments.iter().rev().find(|s| s.id == seg))
-                .is_some_and(|s| s.epoch.0 > epoch)
-        });
+        let recovered = self
+            .with_segment(topic, seg, |s| s.epoch.0 > epoch)
+            .unwrap_or(false);
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
         }
@@ -728,12 +741,9 @@ impl Node {
         let held = self.local_entry_count(topic, seg);
         if held < len {
             let mut sources = vec![NodeId(donor)];
-            let others = self.sm.read(|m| {
-                m.topic(topic)
-                    .and_then(|t| t.segments.iter().rev().find(|s| s.id == seg))
-                    .map(|s| s.replicas.clone())
-                    .unwrap_or_default()
-            });
+            let others = self
+                .with_segment(topic, seg, |s| s.replicas.clone())
+                .unwrap_or_default();
             sources.extend(others.into_iter().filter(|&r| r != NodeId(donor)));
             self.spawn_repair(topic, seg, len, sources);
         }
@@ -1545,11 +1555,7 @@ impl Node {
             }
             driving.retain(|r, d| {
                 d.ticks += 1;
-                let sealed = self.sm.read(|m| {
-                    m.topic(&r.topic)
-                        .and_then(|t| t.segments.iter().rev().find(|s| s.id == r.segment))
-                        .map(|s| s.sealed_entries())
-                });
+                let sealed = self.with_segment(&r.topic, r.segment, |s| s.sealed_entries());
                 let mut effects = Vec::new();
                 match sealed {
                     // The topic (or segment) is gone.

@@ -16,7 +16,7 @@ use walrus::{FsyncSchedule, ReadConsistency, Walrus};
 
 use crate::NodeDisk;
 use walrus_core::cluster::cursor::{next_shared_read, ReadPlan};
-use walrus_core::cluster::lease::{may_append, Lease, LeaseConfig, LeaseTable};
+use walrus_core::cluster::lease::{may_append, Lease, LeaseConfig, LeaseTable, Takeover};
 use walrus_core::cluster::metadata::{Command, Outcome, SegmentMeta, TopicMeta};
 use walrus_core::cluster::recovery::{Phase, Recovery, RecoveryInput};
 use walrus_core::cluster::{Effect, Epoch, NodeId, PeerMsg, SegmentId, SegmentRef};
@@ -41,6 +41,11 @@ const LEASE_GRANT_CONFIRM_MAX: Duration = Duration::from_millis(500);
 const FAILOVER_TICK: Duration = Duration::from_millis(50);
 /// Failover ticks between retransmissions of what a recovery waits for.
 const RECOVERY_RESEND_TICKS: u32 = 10;
+/// Ticks a fresh metadata leader waits for a majority's takeover answers before it counts
+/// unknown grants from its own start instead.
+const TAKEOVER_TICKS_MAX: u32 = 20;
+/// Raft terms whose last leader contact a node remembers separately.
+const LEADER_CONTACT_TERMS_MAX: usize = 16;
 /// Failover ticks after which a recovery that sealed its segment stops driving the replicas
 /// that have not caught up; the repair loop finishes them when they return.
 const RECOVERY_SEALING_TICKS_MAX: u32 = 400;
@@ -133,6 +138,9 @@ pub struct Node {
     complete: Mutex<BTreeSet<SegmentId>>,
     /// Sealed segments whose replica is being moved off a dead node (on the metadata leader).
     moving: Mutex<BTreeSet<SegmentId>>,
+    /// Per Raft term: the lease-clock time this node last heard from that term's metadata
+    /// leader (a Raft append or snapshot arrived) or, as its leader, last granted a lease.
+    leader_contacts: Mutex<BTreeMap<u64, u64>>,
 }
 
 /// The metadata leader's side of leases: grants, and the segments being recovered (which get
@@ -253,6 +261,7 @@ impl Node {
             repairing: Mutex::default(),
             complete: Mutex::default(),
             moving: Mutex::default(),
+            leader_contacts: Mutex::default(),
         })
     }
 
@@ -1335,9 +1344,14 @@ impl Node {
         epoch: u64,
         holder: u64,
     ) -> Result<(), Failure> {
-        if self.raft.metrics().borrow().current_leader != Some(self.cfg.id) {
-            return Err("not the metadata leader".into());
-        }
+        let term = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            if m.current_leader != Some(self.cfg.id) {
+                return Err("not the metadata leader".into());
+            }
+            m.current_term
+        };
         // Bounded: a leader that loses its leadership while confirming would otherwise wait
         // forever for an entry that never commits.
         match tokio::time::timeout(LEASE_GRANT_CONFIRM_MAX, self.raft.ensure_linearizable()).await {
@@ -1345,6 +1359,10 @@ impl Node {
             Ok(Err(e)) => return Err(format!("cannot confirm the metadata: {e}")),
             Err(_) => return Err("timed out confirming the metadata".into()),
         }
+        // A quorum heard from this leader after the request was sent; a successor's takeover
+        // bound counts from this contact (filed under the term read before confirming, which
+        // is never later than the term confirmed).
+        self.note_leader_contact(term);
         let seg = SegmentRef {
             topic: topic.to_string(),
             segment: SegmentId(segment),
@@ -1358,6 +1376,43 @@ impl Node {
         self.sm
             .read(|m| table.grant(m, NodeId(holder), &seg, Epoch(epoch), now))
             .map_err(|e| e.to_string())
+    }
+
+    /// Records that the metadata leader of `term` was heard from (or, as that leader,
+    /// granted) now.
+    pub fn note_leader_contact(&self, term: u64) {
+        let now = self.now_ms();
+        let mut c = lock(&self.leader_contacts);
+        let at = c.entry(term).or_default();
+        *at = (*at).max(now);
+        // Bounded: the two oldest terms merge under the older one, keeping the later time.
+        // A question about any term above it then sees that time: earlier, never later.
+        if c.len() > LEADER_CONTACT_TERMS_MAX {
+            if let (Some((k1, t1)), Some((_, t2))) = (c.pop_first(), c.pop_first()) {
+                c.insert(k1, t1.max(t2));
+            }
+        }
+    }
+
+    /// Milliseconds since this node last heard from the metadata leader of any term below
+    /// `term` (since it started, if never).
+    fn leader_contact_before(&self, term: u64) -> u64 {
+        let last = lock(&self.leader_contacts)
+            .range(..term)
+            .map(|(_, &at)| at)
+            .max()
+            .unwrap_or(0);
+        self.now_ms().saturating_sub(last)
+    }
+
+    /// A new metadata leader's question (see `Takeover`): milliseconds since this node last
+    /// heard from a leader of an older term, once it has seen `term` (so it refuses older
+    /// leaders from now on and the answer stays true).
+    pub fn leader_contact(&self, term: u64) -> Option<u64> {
+        if self.raft.metrics().borrow().current_term < term {
+            return None;
+        }
+        Some(self.leader_contact_before(term))
     }
 
     /// Holder side: renews the leases of every open segment this node leads, every 100 ms; an
@@ -1455,6 +1510,13 @@ impl Node {
     }
 }
 
+/// A takeover bound being collected by a fresh metadata leader.
+struct Pending {
+    takeover: Takeover,
+    started_ms: u64,
+    ticks: u32,
+}
+
 /// A recovery the failover loop drives, and how long it has been at it.
 struct Driving {
     rec: Recovery,
@@ -1474,6 +1536,8 @@ impl Node {
     /// at that moment: grants made by a predecessor are unknown here.
     pub async fn failover_loop(self: Arc<Self>) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(SegmentRef, RecoveryInput)>();
+        let (contact_tx, mut contact_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut takeover: Option<Pending> = None;
         let mut led_term: Option<u64> = None;
         let mut driving: BTreeMap<SegmentRef, Driving> = BTreeMap::new();
         let mut dead_since: BTreeMap<NodeId, Instant> = BTreeMap::new();
@@ -1481,9 +1545,16 @@ impl Node {
         loop {
             tokio::time::sleep(FAILOVER_TICK).await;
             tick += 1;
-            let (leader, term) = {
-                let m = self.raft.metrics().borrow().clone();
-                (m.current_leader, m.current_term)
+            let (leader, term, voters) = {
+                let metrics = self.raft.metrics();
+                let m = metrics.borrow();
+                let voters: Vec<NodeId> = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .map(NodeId)
+                    .collect();
+                (m.current_leader, m.current_term, voters)
             };
             if leader != Some(self.cfg.id) {
                 if led_term.take().is_some() {
@@ -1498,11 +1569,58 @@ impl Node {
                 dead_since.clear();
                 *lock(&self.grants) = Grants::default();
                 while rx.try_recv().is_ok() {}
+                let now = self.now_ms();
+                let mut t = Takeover::new(voters);
+                t.report(
+                    self.me(),
+                    now,
+                    self.leader_contact_before(term),
+                    &self.lease_cfg,
+                );
+                takeover = Some(Pending {
+                    takeover: t,
+                    started_ms: now,
+                    ticks: 0,
+                });
             }
             if tick.is_multiple_of(RE_REPLICATION_EVERY_TICKS) {
                 self.re_replicate(&mut dead_since);
             }
             let now = self.now_ms();
+            // A fresh term first learns how long ago its predecessors could have granted
+            // (`Takeover`); until then it replaces nobody. Segments it then finds unknown count
+            // as granted at that bound, and any it meets later as granted when first seen.
+            let mut assume_at = now;
+            if let Some(p) = takeover.as_mut() {
+                while let Ok((asked_term, node, elapsed)) = contact_rx.try_recv() {
+                    if asked_term == term {
+                        p.takeover
+                            .report(node, self.now_ms(), elapsed, &self.lease_cfg);
+                    }
+                }
+                p.ticks += 1;
+                let bound = match p.takeover.bound() {
+                    Some(b) => Some(b),
+                    // No majority answers: count from this term's start, as without them.
+                    None if p.ticks > TAKEOVER_TICKS_MAX => Some(p.started_ms),
+                    None => None,
+                };
+                match bound {
+                    Some(b) => {
+                        tracing::info!(term, bound_ms = b, now_ms = now, "takeover bound known");
+                        assume_at = b.min(now);
+                        takeover = None;
+                    }
+                    None => {
+                        if p.ticks % 2 == 1 {
+                            for v in p.takeover.missing() {
+                                self.ask_leader_contact(term, v, contact_tx.clone());
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
             let open: Vec<(SegmentRef, SegmentMeta)> = self.sm.read(|m| {
                 m.topics()
                     .iter()
@@ -1525,7 +1643,7 @@ impl Node {
                 for (r, s) in &open {
                     let holder = s.leader().unwrap_or_default();
                     if !g.table.knows(r) {
-                        g.table.assume_granted(r, holder, s.epoch, now);
+                        g.table.assume_granted(r, holder, s.epoch, assume_at);
                         continue;
                     }
                     if driving.contains_key(r)
@@ -1582,6 +1700,28 @@ impl Node {
                 self.run_recovery_effect(r, effect, tx.clone());
             }
         }
+    }
+
+    /// Asks voter `node` how long ago it last heard from a metadata leader (for `Takeover`);
+    /// the answer, tagged with `term`, goes to `tx`.
+    fn ask_leader_contact(
+        self: &Arc<Self>,
+        term: u64,
+        node: NodeId,
+        tx: tokio::sync::mpsc::UnboundedSender<(u64, NodeId, u64)>,
+    ) {
+        let Some(addr) = self.addr_of(node) else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let req = RpcRequest::LeaderContact { term };
+            if let Ok(RpcResponse::LeaderContact(Some(elapsed))) =
+                this.peers.get(&addr).call(&req, FAILOVER_TICK * 2).await
+            {
+                let _ = tx.send((term, node, elapsed));
+            }
+        });
     }
 
     /// Re-replication, on the metadata leader: once a node has been dead (per the failure

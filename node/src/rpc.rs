@@ -122,6 +122,12 @@ pub enum RpcRequest {
         /// The holder.
         holder: u64,
     },
+    /// A new metadata leader asks how long ago this node last heard from a metadata leader
+    /// (answered only once this node has seen `term`, so it refuses older leaders from then on).
+    LeaderContact {
+        /// The new leader's Raft term.
+        term: u64,
+    },
 }
 
 /// The answer to an [`RpcRequest`], variant for variant.
@@ -154,6 +160,9 @@ pub enum RpcResponse {
     Fence(Result<u64, String>),
     /// Entries of the sealed segment the replica holds now (a catch-up may still be running).
     SealAt(Result<u64, String>),
+    /// Milliseconds since this node last heard from a metadata leader; `None` while it has
+    /// not yet seen the asker's term.
+    LeaderContact(Option<u64>),
 }
 
 /// What a replica holds of a segment after a `Replicate`.

@@ -237,9 +237,13 @@ pub async fn serve_rpc(node: Arc<Node>, listener: TcpListener) {
 async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
     let raft = node.raft();
     match req {
-        RpcRequest::AppendEntries(r) => RpcResponse::AppendEntries(raft.append_entries(r).await),
+        RpcRequest::AppendEntries(r) => {
+            node.note_leader_contact(r.vote.leader_id.term);
+            RpcResponse::AppendEntries(raft.append_entries(r).await)
+        }
         RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await),
         RpcRequest::InstallSnapshot(r) => {
+            node.note_leader_contact(r.vote.leader_id.term);
             RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)
         }
         RpcRequest::Propose(cmd) => RpcResponse::Propose(match raft.client_write(cmd).await {
@@ -296,5 +300,6 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             epoch,
             holder,
         } => RpcResponse::LeaseGrant(node.grant_lease(&topic, segment, epoch, holder).await),
+        RpcRequest::LeaderContact { term } => RpcResponse::LeaderContact(node.leader_contact(term)),
     }
 }

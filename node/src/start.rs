@@ -126,9 +126,9 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     let sm = StateMachine::new(args.replication_factor as usize);
     let config = Config {
         cluster_name: "walrus".into(),
-        heartbeat_interval: 150,
-        election_timeout_min: 600,
-        election_timeout_max: 1200,
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
         snapshot_policy: SnapshotPolicy::Never,
         ..Default::default()
     }

@@ -8,7 +8,7 @@
 //! by [`LeaseConfig::validate`]. The holder also counts its lease from the moment it *sent* the
 //! request, not from when the grant arrived, so message delay only shortens it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::metadata::Metadata;
 use super::{Epoch, NodeId, SegmentRef};
@@ -195,6 +195,73 @@ impl LeaseTable {
     }
 }
 
+/// What a new metadata leader learns about its predecessors' last grants, so that it need
+/// not wait a full detection timeout from its own election before replacing a dead segment
+/// leader.
+///
+/// The argument: a grantor confirms its leadership with a heartbeat round *after* a renewal
+/// request arrives, so every member of some voter quorum heard from a leader after the holder
+/// sent the request (at `ts`). Each voter records when it last heard from a metadata leader (or,
+/// as leader, last granted). A majority of voters, asked once they have seen the new term (so
+/// they refuse the old leader from then on), shares a member with that quorum; so the latest
+/// contact among their answers is no earlier than `ts`. Elapsed times are measured on the
+/// voters' clocks and are shortened by the drift bound before they count on this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    voters: BTreeSet<NodeId>,
+    /// Voter -> its last contact with a metadata leader, on this node's clock.
+    contacts: BTreeMap<NodeId, u64>,
+}
+
+impl Takeover {
+    /// Starts collecting reports from `voters` (this node's current Raft voters).
+    pub fn new(voters: impl IntoIterator<Item = NodeId>) -> Takeover {
+        Takeover {
+            voters: voters.into_iter().collect(),
+            contacts: BTreeMap::new(),
+        }
+    }
+
+    /// `node` answered, received at `received_at_ms` on this node's clock, that `elapsed_ms` had
+    /// passed on its own clock since its last contact with a metadata leader. The first answer
+    /// per voter counts; answers from non-voters are ignored.
+    pub fn report(
+        &mut self,
+        node: NodeId,
+        received_at_ms: u64,
+        elapsed_ms: u64,
+        cfg: &LeaseConfig,
+    ) {
+        if !self.voters.contains(&node) {
+            return;
+        }
+        let lease = u128::from(cfg.lease_duration_ms.max(1));
+        let keep = lease.saturating_sub(u128::from(cfg.max_clock_drift_ms));
+        // Rounded down: this node credits itself at most the drift-shortened elapsed time.
+        let credited = (u128::from(elapsed_ms) * keep / lease) as u64;
+        self.contacts
+            .entry(node)
+            .or_insert(received_at_ms.saturating_sub(credited));
+    }
+
+    /// Voters that have not answered yet.
+    pub fn missing(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters
+            .iter()
+            .copied()
+            .filter(|v| !self.contacts.contains_key(v))
+    }
+
+    /// Once a majority of voters answered: a time on this node's clock no earlier than any
+    /// grant a predecessor made. Assuming every unknown segment granted then is safe.
+    pub fn bound(&self) -> Option<u64> {
+        if self.voters.is_empty() || self.contacts.len() * 2 <= self.voters.len() {
+            return None;
+        }
+        self.contacts.values().copied().max()
+    }
+}
+
 fn leader_check(
     meta: &Metadata,
     node: NodeId,
@@ -308,7 +375,95 @@ mod tests {
         assert!(!table.may_choose_successor(&seg(0), 6_001, &cfg));
     }
 
+    #[test]
+    fn takeover_needs_a_majority_and_takes_the_latest_contact() {
+        let cfg = LeaseConfig::for_lease(1_000); // drift 250: elapsed counts three quarters
+        let mut t = Takeover::new([NodeId(1), NodeId(2), NodeId(3)]);
+        t.report(NodeId(1), 2_000, 800, &cfg);
+        assert_eq!(t.bound(), None);
+        assert_eq!(t.missing().collect::<Vec<_>>(), vec![NodeId(2), NodeId(3)]);
+        t.report(NodeId(9), 2_000, 0, &cfg); // not a voter
+        assert_eq!(t.bound(), None);
+        t.report(NodeId(3), 2_100, 400, &cfg);
+        // 2_000 - 600 = 1_400 and 2_100 - 300 = 1_800: the later one.
+        assert_eq!(t.bound(), Some(1_800));
+        t.report(NodeId(3), 2_100, 0, &cfg); // a second answer changes nothing
+        assert_eq!(t.bound(), Some(1_800));
+        assert_eq!(Takeover::new([]).bound(), None);
+    }
+
     proptest::proptest! {
+        /// A new metadata leader that assumes every unknown segment granted at the takeover
+        /// bound never chooses a successor while a lease a predecessor granted is still valid,
+        /// whatever the clock rates (within the drift bound) and message delays.
+        #[test]
+        fn takeover_bound_covers_every_predecessor_grant(
+            lease in 10u64..5_000,
+            drift_pct in 0u64..50,
+            slack in 1u64..500,
+            rates in proptest::collection::vec(
+                proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::strategy::Just(1_000u64), 0u64..=1_000],
+                6,
+            ),
+            quorum in 0usize..10,
+            answering in 0usize..10,
+            ts in 10_000u64..100_000,
+            after in proptest::collection::vec(
+                proptest::prop_oneof![proptest::strategy::Just(0u64), 0u64..5_000],
+                5,
+            ),
+            before in proptest::collection::vec(0u64..5_000, 5),
+            answer_delay in proptest::collection::vec(0u64..5_000, 5),
+            receive_delay in proptest::collection::vec(
+                proptest::prop_oneof![proptest::strategy::Just(0u64), 0u64..5_000],
+                5,
+            ),
+        ) {
+            let drift = lease * drift_pct / 100;
+            let cfg = LeaseConfig {
+                lease_duration_ms: lease,
+                max_clock_drift_ms: drift,
+                detection_timeout_ms: lease + drift + slack,
+            };
+            // Each clock runs at (lease + d) / lease of real time, d within the drift bound, so
+            // two clocks differ by at most `drift` over a lease. Index 5 is the new leader.
+            let clock = |node: usize, real: u64| real * (lease + rates[node] * drift / 1_000) / lease;
+            let majorities: [[usize; 3]; 10] = [
+                [0, 1, 2], [0, 1, 3], [0, 1, 4], [0, 2, 3], [0, 2, 4],
+                [0, 3, 4], [1, 2, 3], [1, 2, 4], [1, 3, 4], [2, 3, 4],
+            ];
+            let confirmed = majorities[quorum];
+            let asked = majorities[answering];
+            let mut t = Takeover::new((0..5).map(|v| NodeId(v as u64)));
+            for &v in &asked {
+                // The confirming quorum heard from the grantor after the request was sent;
+                // the others last heard from a leader at any time.
+                let contact = if confirmed.contains(&v) {
+                    ts + after[v]
+                } else {
+                    ts.saturating_sub(before[v])
+                };
+                let answered = contact + answer_delay[v];
+                let elapsed = clock(v, answered) - clock(v, contact);
+                t.report(NodeId(v as u64), clock(5, answered + receive_delay[v]), elapsed, &cfg);
+            }
+            let bound = t.bound().expect("a majority answered");
+            let mut table = LeaseTable::new();
+            table.assume_granted(&seg(0), NodeId(1), Epoch(0), bound);
+            let held = Lease::granted(Epoch(0), clock(4, ts), &cfg);
+            // The first real millisecond at which the new leader may choose a successor.
+            let mut real = 0u64;
+            let mut step = 1u64 << 40;
+            while step > 0 {
+                if !table.may_choose_successor(&seg(0), clock(5, real + step - 1), &cfg) {
+                    real += step;
+                }
+                step /= 2;
+            }
+            proptest::prop_assert!(table.may_choose_successor(&seg(0), clock(5, real), &cfg));
+            proptest::prop_assert!(!held.is_valid(clock(4, real)), "successor at real {real}");
+        }
+
         /// With a valid config and drift within the bound, whenever the grantor may choose a
         /// successor the holder's lease has already expired on the holder's clock.
         #[test]

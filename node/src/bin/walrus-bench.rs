@@ -1249,6 +1249,19 @@ fn run_failover(bin: &Path, dir: &Path, kills: u64) -> Result<(), String> {
             .position(|n| n.id != leader)
             .ok_or("no survivor")?;
         wait_whole(&mut cluster.nodes[other], 3)?;
+        // Each kill starts from a whole cluster: the restarted node has applied the metadata
+        // log (otherwise it stands in the next election with a stale log and splits the vote).
+        let log_end = metrics(&cluster.nodes[other].client)
+            .map(|m| m["raft"]["last_log_index"].as_u64().unwrap_or(0))?;
+        wait_until(
+            &mut cluster.nodes[idx],
+            "applying the metadata log",
+            |addr| {
+                metrics(addr)
+                    .map(|m| m["raft"]["last_applied"].as_u64().unwrap_or(0) >= log_end)
+                    .unwrap_or(false)
+            },
+        )?;
     }
     let report = |label: &str, v: Vec<Duration>| {
         if v.is_empty() {

@@ -141,6 +141,11 @@ pub struct Node {
     /// Per Raft term: the lease-clock time this node last heard from that term's metadata
     /// leader (a Raft append or snapshot arrived) or, as its leader, last granted a lease.
     leader_contacts: Mutex<BTreeMap<u64, u64>>,
+    /// Open segments (and epochs) led here that this process may append to: when it first
+    /// took them up, no replica held entries past this node's store (see `lease_loop`).
+    cleared: Mutex<BTreeSet<(SegmentId, u64)>>,
+    /// Open segments led here whose replicas are being checked before the first lease.
+    taking_up: Mutex<BTreeSet<SegmentId>>,
 }
 
 /// The metadata leader's side of leases: grants, and the segments being recovered (which get
@@ -262,6 +267,8 @@ impl Node {
             complete: Mutex::default(),
             moving: Mutex::default(),
             leader_contacts: Mutex::default(),
+            cleared: Mutex::default(),
+            taking_up: Mutex::default(),
         })
     }
 
@@ -1419,49 +1426,103 @@ impl Node {
     /// append needs a lease that has not expired (counted from when it was requested).
     pub async fn lease_loop(self: Arc<Self>) {
         loop {
-            for (topic, seg) in self.led_open_segments() {
+            let led = self.led_open_segments();
+            lock(&self.cleared)
+                .retain(|(id, epoch)| led.iter().any(|(_, s)| s.id == *id && s.epoch.0 == *epoch));
+            for (topic, seg) in led {
                 if self.fenced_past(seg.id, seg.epoch.0) {
                     // Fenced by a failover: let the lease run out so that the recovery (or a
                     // new metadata leader's) can finish.
                     continue;
                 }
-                let requested_at = self.now_ms();
-                let leader = self.raft.metrics().borrow().current_leader;
-                let granted = match leader {
-                    Some(l) if l == self.cfg.id => self
-                        .grant_lease(&topic, seg.id.0, seg.epoch.0, self.cfg.id)
-                        .await
-                        .is_ok(),
-                    Some(l) => match self.addr_of(NodeId(l)) {
-                        Some(addr) => {
-                            let req = RpcRequest::LeaseGrant {
-                                topic: topic.clone(),
-                                segment: seg.id.0,
-                                epoch: seg.epoch.0,
-                                holder: self.cfg.id,
-                            };
-                            matches!(
-                                self.peers
-                                    .get(&addr)
-                                    .call(&req, LEASE_RENEW_INTERVAL * 5)
-                                    .await,
-                                Ok(RpcResponse::LeaseGrant(Ok(())))
-                            )
-                        }
-                        None => false,
-                    },
-                    None => false,
-                };
-                if granted {
-                    let lease = Lease::granted(seg.epoch, requested_at, &self.lease_cfg);
-                    self.leases
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(seg.id, lease);
+                if !lock(&self.cleared).contains(&(seg.id, seg.epoch.0)) {
+                    // First sight in this process: check the replicas on the side (they may be
+                    // slow to answer) and take the first lease right after.
+                    if lock(&self.taking_up).insert(seg.id) {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            if this.replicas_not_ahead(&topic, &seg).await {
+                                lock(&this.cleared).insert((seg.id, seg.epoch.0));
+                                this.renew_lease(&topic, &seg).await;
+                            }
+                            lock(&this.taking_up).remove(&seg.id);
+                        });
+                    }
+                    continue;
                 }
+                self.renew_lease(&topic, &seg).await;
             }
             tokio::time::sleep(LEASE_RENEW_INTERVAL).await;
         }
+    }
+
+    /// Asks the metadata leader to renew this node's lease on `seg` (counted from now).
+    async fn renew_lease(&self, topic: &str, seg: &SegmentMeta) {
+        let requested_at = self.now_ms();
+        let leader = self.raft.metrics().borrow().current_leader;
+        let granted = match leader {
+            Some(l) if l == self.cfg.id => self
+                .grant_lease(topic, seg.id.0, seg.epoch.0, self.cfg.id)
+                .await
+                .is_ok(),
+            Some(l) => match self.addr_of(NodeId(l)) {
+                Some(addr) => {
+                    let req = RpcRequest::LeaseGrant {
+                        topic: topic.to_string(),
+                        segment: seg.id.0,
+                        epoch: seg.epoch.0,
+                        holder: self.cfg.id,
+                    };
+                    matches!(
+                        self.peers
+                            .get(&addr)
+                            .call(&req, LEASE_RENEW_INTERVAL * 5)
+                            .await,
+                        Ok(RpcResponse::LeaseGrant(Ok(())))
+                    )
+                }
+                None => false,
+            },
+            None => false,
+        };
+        if granted {
+            let lease = Lease::granted(seg.epoch, requested_at, &self.lease_cfg);
+            lock(&self.leases).insert(seg.id, lease);
+        }
+    }
+
+    /// Whether every replica of `seg` answers holding no more entries than this node's store.
+    /// A leader takes up an open segment (asks for its first lease in this process) only then:
+    /// a replica holding more means this node lost entries it had sent (a restart that lost
+    /// unsynced writes, a wiped directory, a failed local write), and appending at those
+    /// positions again would give the replicas different entries there. Such a segment gets
+    /// no lease, so a failover seals it from the replicas.
+    async fn replicas_not_ahead(&self, topic: &str, seg: &SegmentMeta) -> bool {
+        let local = self.local_entry_count(topic, seg.id);
+        for &r in seg.replicas.iter().filter(|&&r| r != self.me()) {
+            let Some(addr) = self.addr_of(r) else {
+                return false;
+            };
+            let req = RpcRequest::Held {
+                topic: topic.to_string(),
+                segment: seg.id.0,
+            };
+            match self
+                .peers
+                .get(&addr)
+                .call(&req, LEASE_RENEW_INTERVAL * 5)
+                .await
+            {
+                Ok(RpcResponse::Held(n)) if n <= local => {}
+                Ok(RpcResponse::Held(n)) => {
+                    tracing::warn!(topic, segment = seg.id.0, replica = r.0, held = n, local,
+                        "a replica holds entries this leader lacks; leaving the segment to a failover");
+                    return false;
+                }
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// The failure detector, active on the metadata leader: probes every registered node and

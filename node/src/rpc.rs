@@ -122,6 +122,14 @@ pub enum RpcRequest {
         /// The holder.
         holder: u64,
     },
+    /// A segment leader, before its first lease in this process, asks a replica how many
+    /// entries of the segment it holds.
+    Held {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+    },
     /// A new metadata leader asks how long ago this node last heard from a metadata leader
     /// (answered only once this node has seen `term`, so it refuses older leaders from then on).
     LeaderContact {
@@ -160,6 +168,8 @@ pub enum RpcResponse {
     Fence(Result<u64, String>),
     /// Entries of the sealed segment the replica holds now (a catch-up may still be running).
     SealAt(Result<u64, String>),
+    /// Entries of the segment held here (written).
+    Held(u64),
     /// Milliseconds since this node last heard from a metadata leader; `None` while it has
     /// not yet seen the asker's term.
     LeaderContact(Option<u64>),

@@ -300,6 +300,9 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             epoch,
             holder,
         } => RpcResponse::LeaseGrant(node.grant_lease(&topic, segment, epoch, holder).await),
+        RpcRequest::Held { topic, segment } => RpcResponse::Held(
+            node.local_entry_count(&topic, walrus_core::cluster::SegmentId(segment)),
+        ),
         RpcRequest::LeaderContact { term } => RpcResponse::LeaderContact(node.leader_contact(term)),
     }
 }

@@ -321,6 +321,55 @@ fn failover_a_wiped_node_rejoins_and_is_repopulated() {
     assert_eq!(got, acked);
 }
 
+/// The leader of an open segment loses its disk and is back (with the same id) before its
+/// lease could lapse: it must not take the segment up again from an empty store, since writing
+/// there would give positions the replicas already hold new entries (and acknowledge them).
+/// It finds the replicas ahead of it, asks for no lease, and a failover seals the segment from
+/// the replicas.
+#[test]
+fn failover_a_wiped_open_segment_leader_does_not_take_its_segment_up_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A long lease, so that the wiped node is back well before anyone could replace it.
+    let env = [
+        ("WALRUS_MAX_SEGMENT_ENTRIES", "10"),
+        ("WALRUS_LEASE_MS", "4000"),
+    ];
+    let mut nodes = cluster(tmp.path(), &env);
+    let mut c = nodes[0].client();
+    assert_eq!(eventually(&mut c, b"REGISTER wl"), Reply::Ok(None));
+    let mut acked = Vec::new();
+    // Node 1 bootstrapped the cluster (a wiped node 1 would start a new one): write until
+    // another node leads the open segment.
+    let mut i = 0;
+    while acked.len() < 5 || open_leader(&mut c, "wl") == 1 {
+        let p = format!("e{i}").into_bytes();
+        ok(eventually(&mut c, &[b"PUT wl ".as_slice(), &p].concat()));
+        acked.push(p);
+        i += 1;
+        assert!(i < 100, "the open segment never moved off node 1");
+    }
+    let leader = open_leader(&mut c, "wl");
+    nodes[leader as usize - 1].wipe_and_restart();
+    for _ in 0..5 {
+        let p = format!("e{i}").into_bytes();
+        ok(eventually(&mut c, &[b"PUT wl ".as_slice(), &p].concat()));
+        acked.push(p);
+        i += 1;
+    }
+    let others: Vec<&NodeProc> = nodes.iter().filter(|n| n.id != leader).collect();
+    assert!(
+        metric_sum(&others, "failovers") >= 1,
+        "the wiped leader's segment was not failed over"
+    );
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < acked.len() && Instant::now() < deadline {
+        got.extend(drain(&mut c, "wl", 100));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(got, acked);
+}
+
 /// Replica sets of the sealed segments of `topic`, in chain order, from `STATE`.
 fn sealed_replicas(c: &mut Client, topic: &str) -> Vec<Vec<u64>> {
     let state = ok(eventually(c, format!("STATE {topic}").as_bytes())).unwrap();

@@ -381,6 +381,15 @@ impl<D: Disk> Engine<D> {
     // ---------------------------------------------------------------- writes
 
     pub fn append(&self, topic: &str, payloads: &[&[u8]]) -> io::Result<u64> {
+        self.append_begin(topic, payloads)?.wait()
+    }
+
+    /// Assigns the batch its offsets and queues it; see [`PendingAppend`].
+    pub fn append_begin(
+        &self,
+        topic: &str,
+        payloads: &[&[u8]],
+    ) -> io::Result<PendingAppend<'_, D>> {
         if payloads.is_empty() {
             return Err(invalid("a batch needs at least one entry".into()));
         }
@@ -459,14 +468,11 @@ impl<D: Disk> Engine<D> {
                 return Err(io::Error::other("group-commit thread has stopped"));
             }
             drop(st);
-            if let Some(worker) = &self.inline {
-                // Whoever holds the worker commits everything queued so far, ours included.
-                lock(worker).drain();
-            }
-            return done_rx
-                .recv()
-                .unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
-                .map(|()| first);
+            return Ok(PendingAppend {
+                engine: self,
+                first,
+                done: Some(done_rx),
+            });
         }
         if let Err(e) = segment.file.write_all_at(&buf, pos) {
             topic
@@ -481,7 +487,11 @@ impl<D: Disk> Engine<D> {
             st.unsynced.push(segment.clone());
         }
         topic.publish(&segment, end_offset, st.pos, false);
-        Ok(first)
+        Ok(PendingAppend {
+            engine: self,
+            first,
+            done: None,
+        })
     }
 
     /// Makes everything written to `topic` (or to every topic) durable now.
@@ -1303,6 +1313,42 @@ fn write_zeros<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
         at += n as u64;
     }
     Ok(())
+}
+
+/// An append whose offsets are assigned: under `SyncEach` it waits for its group commit
+/// (readable and durable only after [`PendingAppend::wait`]); otherwise it is already written.
+/// A caller may meanwhile do other work with the batch, such as sending it to replicas.
+pub struct PendingAppend<'a, D: Disk> {
+    engine: &'a Engine<D>,
+    first: u64,
+    done: Option<mpsc::Receiver<io::Result<()>>>,
+}
+
+impl<D: Disk> PendingAppend<'_, D> {
+    /// The offset of the batch's first entry.
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// Whether the batch still waits for its group commit.
+    pub fn is_pending(&self) -> bool {
+        self.done.is_some()
+    }
+
+    /// Waits until the batch is readable (and, under `SyncEach`, durable); returns its first
+    /// offset. An error means none of it was stored.
+    pub fn wait(self) -> io::Result<u64> {
+        let Some(done) = self.done else {
+            return Ok(self.first);
+        };
+        if let Some(worker) = &self.engine.inline {
+            // Whoever holds the worker commits everything queued so far, ours included.
+            lock(worker).drain();
+        }
+        done.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
+            .map(|()| self.first)
+    }
 }
 
 /// The journal of `SyncEach`: one file every durable append is recorded in, so that one

@@ -252,6 +252,16 @@ impl<D: Disk> Walrus<D> {
         self.engine.append(topic, batch)
     }
 
+    /// Starts an atomic batch append: the offsets are assigned now, in call order; the batch
+    /// becomes readable (and durable under `SyncEach`) when [`PendingAppend::wait`] returns.
+    pub fn batch_append_begin(
+        &self,
+        topic: &str,
+        batch: &[&[u8]],
+    ) -> io::Result<crate::engine::PendingAppend<'_, D>> {
+        self.engine.append_begin(topic, batch)
+    }
+
     /// Reads the entry at the topic's cursor. With `checkpoint` the cursor moves past it
     /// (persisted per the read consistency); without, this is a peek.
     pub fn read_next(&self, topic: &str, checkpoint: bool) -> io::Result<Option<Entry>> {

@@ -60,6 +60,32 @@ fn append_peek_checkpoint_and_batch_read() {
 }
 
 #[test]
+fn a_begun_append_has_its_offsets_at_once_and_is_readable_after_wait() {
+    for fsync in [FsyncSchedule::SyncEach, FsyncSchedule::NoFsync] {
+        let tmp = tempfile::tempdir().unwrap();
+        let wal = open(tmp.path(), ReadConsistency::StrictlyAtOnce, fsync);
+        wal.append_for_topic("t", b"zero").unwrap();
+        let a = wal.batch_append_begin("t", &[b"a1", b"a2"]).unwrap();
+        let b = wal.batch_append_begin("t", &[b"b1"]).unwrap();
+        assert_eq!((a.first(), b.first()), (1, 3), "offsets in call order");
+        assert_eq!(a.is_pending(), fsync == FsyncSchedule::SyncEach);
+        // Waiting on the later one first is fine: the group commit keeps queue order.
+        assert_eq!(b.wait().unwrap(), 3);
+        assert_eq!(a.wait().unwrap(), 1);
+        let all: Vec<Vec<u8>> = wal
+            .read_from("t", 0, 10, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.data)
+            .collect();
+        assert_eq!(all, [&b"zero"[..], b"a1", b"a2", b"b1"].map(|b| b.to_vec()));
+        drop(wal);
+        let wal = open(tmp.path(), ReadConsistency::StrictlyAtOnce, fsync);
+        assert_eq!(wal.entry_count("t"), 4);
+    }
+}
+
+#[test]
 fn invalid_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let wal = open(

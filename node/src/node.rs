@@ -167,6 +167,68 @@ struct Replication {
     pushes: AtomicU64,
     /// Entries those rounds carried: new writes and catch-up (`METRICS`).
     entries_sent: AtomicU64,
+    /// Segment -> position -> a batch this node is still writing (its group commit has not
+    /// finished, so the store cannot serve it yet): pushes send it from here meanwhile.
+    staged: Mutex<Staged>,
+}
+
+/// Segment -> position -> a batch written there.
+type Staged = BTreeMap<SegmentId, BTreeMap<u64, Arc<Vec<Vec<u8>>>>>;
+
+impl Replication {
+    /// Keeps a copy of a batch being written at `position` for the pushes.
+    fn stage(&self, seg: SegmentId, position: u64, payloads: &[&[u8]]) {
+        let batch = Arc::new(payloads.iter().map(|p| p.to_vec()).collect());
+        lock(&self.staged)
+            .entry(seg)
+            .or_default()
+            .insert(position, batch);
+    }
+
+    /// Drops the copy once the store holds the batch (or failed to).
+    fn unstage(&self, seg: SegmentId, position: u64) {
+        let mut staged = lock(&self.staged);
+        if let Some(m) = staged.get_mut(&seg) {
+            m.remove(&position);
+            if m.is_empty() {
+                staged.remove(&seg);
+            }
+        }
+    }
+
+    /// Staged entries `from..`, contiguous, at most `max` of them and about `max_bytes`.
+    fn staged_from(&self, seg: SegmentId, from: u64, max: usize, max_bytes: usize) -> Vec<Vec<u8>> {
+        let staged = lock(&self.staged);
+        let Some(m) = staged.get(&seg) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0usize;
+        let mut at = from;
+        // The batch holding `from`, then those right after it.
+        let first = m.range(..=from).next_back().map(|(&p, _)| p);
+        let Some(first) = first else {
+            return out;
+        };
+        for (&p, batch) in m.range(first..) {
+            if p > at {
+                break;
+            }
+            let skip = (at - p) as usize;
+            if skip >= batch.len() {
+                continue;
+            }
+            for e in &batch[skip..] {
+                if out.len() >= max || (bytes + e.len() > max_bytes && !out.is_empty()) {
+                    return out;
+                }
+                bytes += e.len();
+                out.push(e.clone());
+                at += 1;
+            }
+        }
+        out
+    }
 }
 
 #[derive(Default)]
@@ -483,12 +545,29 @@ impl Node {
                 return Err("open segment has no leader".into());
             };
             if leader == self.me() {
-                match self.append_local(topic, &seg, payloads)? {
+                let replicated = seg.replicas.len() > 1;
+                let mut staged_at = None;
+                // Replication starts as soon as the batch has its positions, while this node's
+                // own write waits for its group commit: the two fsyncs overlap.
+                let appended = self.append_local(topic, &seg, payloads, |position, pending| {
+                    if replicated {
+                        if pending {
+                            self.replication.stage(seg.id, position, payloads);
+                            staged_at = Some(position);
+                        }
+                        let end = position + payloads.len() as u64;
+                        self.start_pushes(topic, &seg, end, level.needs_fsync());
+                    }
+                });
+                if let Some(position) = staged_at {
+                    self.replication.unstage(seg.id, position);
+                }
+                match appended? {
                     Some(offset) => {
                         if level.needs_fsync() && !self.store_fsyncs() {
                             self.sync_store()?;
                         }
-                        if seg.replicas.len() > 1 {
+                        if replicated {
                             let end = offset - seg.base_offset + payloads.len() as u64;
                             let quorum = self.replicate(topic, &seg, end, level.needs_fsync());
                             if level.needs_quorum() {
@@ -572,36 +651,7 @@ impl Node {
             .copied()
             .filter(|&r| r != self.me())
             .collect();
-        let mut start = Vec::new();
-        {
-            let mut st = lock(&self.replication.state);
-            let w = st.wanted.entry(seg.id).or_default();
-            *w = (*w).max(end);
-            if durable {
-                let w = st.wanted_durable.entry(seg.id).or_default();
-                *w = (*w).max(end);
-            }
-            for &r in &others {
-                // One push per replica at a time; a running one picks up the new target.
-                if st.pushing.insert((seg.id, r)) {
-                    start.push(r);
-                }
-            }
-        }
-        for r in start {
-            let push = Push {
-                client: self.addr_of(r).map(|a| self.peers.get(&a)),
-                data: self.data.clone(),
-                repl: self.replication.clone(),
-                topic: topic.to_string(),
-                segment: seg.id,
-                epoch: seg.epoch,
-                replica: r,
-                timeout: self.cfg.request_timeout,
-                fences: self.fences.clone(),
-            };
-            tokio::spawn(push.run());
-        }
+        self.start_pushes(topic, seg, end, durable);
         let repl = self.replication.clone();
         let id = seg.id;
         async move {
@@ -628,6 +678,42 @@ impl Node {
                 }
                 changed.await;
             }
+        }
+    }
+
+    /// Raises the length `seg`'s replicas should reach (and have fsynced, if `durable`) to
+    /// `end`, and starts a push to each replica that has none running.
+    fn start_pushes(&self, topic: &str, seg: &SegmentMeta, end: u64, durable: bool) {
+        let others = seg.replicas.iter().copied().filter(|&r| r != self.me());
+        let mut start = Vec::new();
+        {
+            let mut st = lock(&self.replication.state);
+            let w = st.wanted.entry(seg.id).or_default();
+            *w = (*w).max(end);
+            if durable {
+                let w = st.wanted_durable.entry(seg.id).or_default();
+                *w = (*w).max(end);
+            }
+            for r in others {
+                // One push per replica at a time; a running one picks up the new target.
+                if st.pushing.insert((seg.id, r)) {
+                    start.push(r);
+                }
+            }
+        }
+        for r in start {
+            let push = Push {
+                client: self.addr_of(r).map(|a| self.peers.get(&a)),
+                data: self.data.clone(),
+                repl: self.replication.clone(),
+                topic: topic.to_string(),
+                segment: seg.id,
+                epoch: seg.epoch,
+                replica: r,
+                timeout: self.cfg.request_timeout,
+                fences: self.fences.clone(),
+            };
+            tokio::spawn(push.run());
         }
     }
 
@@ -842,11 +928,16 @@ impl Node {
 
     /// Appends on this node, the open segment's leader. `Ok(None)` while the segment is being
     /// sealed.
+    /// Appends `payloads` to the open segment `seg` led here, under its lease and gate.
+    /// `queued(position, pending)` runs once the batch has its positions but before this node's
+    /// own (group-committed) write completes, so the caller can send it to the replicas
+    /// meanwhile. `Ok(None)`: not now (no lease yet, sealing, fenced); retry after a change.
     fn append_local(
         &self,
         topic: &str,
         seg: &SegmentMeta,
         payloads: &[&[u8]],
+        queued: impl FnOnce(u64, bool),
     ) -> Result<Option<u64>, Failure> {
         let seg_ref = SegmentRef {
             topic: topic.to_string(),
@@ -887,20 +978,36 @@ impl Node {
                 self.close_gate(topic, seg.id);
                 return Ok(None);
             }
-            let append = || self.data.batch_append(&key, payloads);
+            let pending = self
+                .data
+                .batch_append_begin(&key, payloads)
+                .map_err(|e| format!("append failed: {e}"))?;
+            let is_pending = pending.is_pending();
+            queued(pending.first(), is_pending);
+            let wait = || pending.wait();
             #[cfg(not(madsim))]
-            let appended = if self.store_fsyncs() {
+            let appended = if is_pending {
                 // The append blocks for its fsync (group commit): keep this runtime worker's
                 // other tasks moving meanwhile.
-                tokio::task::block_in_place(append)
+                tokio::task::block_in_place(wait)
             } else {
-                // A page-cache write: cheaper than handing the worker's tasks off.
-                append()
+                // Already written to the page cache.
+                wait()
             };
             // The simulated disk never blocks, and the simulator has one thread.
             #[cfg(madsim)]
-            let appended = append();
-            let position = appended.map_err(|e| format!("append failed: {e}"))?;
+            let appended = wait();
+            let position = match appended {
+                Ok(p) => p,
+                Err(e) => {
+                    // Some of the batch may have gone to replicas already, while this store
+                    // rolled it back: take the segment up again only after checking that no
+                    // replica is ahead (see `replicas_not_ahead`).
+                    lock(&self.cleared).remove(&(seg.id, seg.epoch.0));
+                    lock(&self.leases).remove(&seg.id);
+                    return Err(format!("append failed: {e}"));
+                }
+            };
             #[cfg(madsim)]
             crate::sim::record_append(crate::sim::Append {
                 node: self.me().0,
@@ -2065,12 +2172,25 @@ impl Push {
                 // Everything is written there; this round only asks for the fsync.
                 Vec::new()
             } else {
-                self.data
+                let mut p: Vec<Vec<u8>> = self
+                    .data
                     .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
                     .map_err(|e| format!("reading the entries to send: {e}"))?
                     .into_iter()
                     .map(|e| e.data)
-                    .collect()
+                    .collect();
+                if p.len() < want {
+                    // The rest may still be in this node's group commit.
+                    let bytes: usize = p.iter().map(Vec::len).sum();
+                    let more = self.repl.staged_from(
+                        self.segment,
+                        from + p.len() as u64,
+                        want - p.len(),
+                        CATCH_UP_BYTES_MAX.saturating_sub(bytes),
+                    );
+                    p.extend(more);
+                }
+                p
             };
             if payloads.is_empty() && want > 0 {
                 // Nothing here to send (this store is shorter than the target): no round can
@@ -2129,4 +2249,36 @@ impl Push {
 /// step).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_batches_are_served_contiguously_from_any_position() {
+        let r = Replication::default();
+        let seg = SegmentId(7);
+        r.stage(seg, 10, &[b"a", b"b", b"c"]);
+        r.stage(seg, 13, &[b"d", b"e"]);
+        r.stage(seg, 20, &[b"x"]); // not contiguous with the rest
+        let got = |from, max, bytes| r.staged_from(seg, from, max, bytes);
+        assert_eq!(
+            got(10, 10, 1 << 20),
+            [b"a", b"b", b"c", b"d", b"e"].map(|b| b.to_vec())
+        );
+        assert_eq!(got(12, 2, 1 << 20), [b"c", b"d"].map(|b| b.to_vec()));
+        assert_eq!(got(14, 10, 1 << 20), [b"e"].map(|b| b.to_vec()));
+        // At least one entry, then no more than the byte budget.
+        assert_eq!(got(11, 10, 1), [b"b"].map(|b| b.to_vec()));
+        assert!(got(9, 10, 1 << 20).is_empty());
+        assert!(got(15, 10, 1 << 20).is_empty());
+        assert!(r.staged_from(SegmentId(8), 10, 10, 1 << 20).is_empty());
+        r.unstage(seg, 10);
+        assert!(got(11, 10, 1 << 20).is_empty());
+        assert_eq!(got(13, 10, 1 << 20).len(), 2);
+        r.unstage(seg, 13);
+        r.unstage(seg, 20);
+        assert!(lock(&r.staged).is_empty());
+    }
 }

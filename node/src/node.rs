@@ -146,6 +146,23 @@ pub struct Node {
     cleared: Mutex<BTreeSet<(SegmentId, u64)>>,
     /// Open segments led here whose replicas are being checked before the first lease.
     taking_up: Mutex<BTreeSet<SegmentId>>,
+    /// Open segments led here whose local write failed after the batch may have gone to
+    /// replicas: never appended to again in this process (a failover seals them).
+    tainted: Mutex<BTreeSet<(SegmentId, u64)>>,
+    /// Which segments may predate this process (see `Boot`).
+    boot: Mutex<Boot>,
+}
+
+/// Segments opened after this process started cannot have been led by an earlier process of
+/// this node, so they need no replica check before they are taken up. `index`: a Raft log
+/// index no lower than any entry applied before the start (the local log's last index, or
+/// for an empty log, as after a wiped directory, the leader's commit index in the first
+/// append received). `first_new`: once this node applied up to `index`, the next segment id
+/// then; every segment from it on is new.
+#[derive(Default)]
+struct Boot {
+    index: Option<u64>,
+    first_new: Option<SegmentId>,
 }
 
 /// The metadata leader's side of leases: grants, and the segments being recovered (which get
@@ -311,6 +328,7 @@ impl Node {
             .inline_commit(crate::INLINE_COMMIT)
             .build_on(disk)?;
         let lease_cfg = LeaseConfig::for_lease(cfg.lease_ms);
+        let boot_index = raft.metrics().borrow().last_log_index.filter(|&i| i > 0);
         Ok(Node {
             cfg,
             raft,
@@ -331,6 +349,11 @@ impl Node {
             leader_contacts: Mutex::default(),
             cleared: Mutex::default(),
             taking_up: Mutex::default(),
+            tainted: Mutex::default(),
+            boot: Mutex::new(Boot {
+                index: boot_index,
+                first_new: None,
+            }),
         })
     }
 
@@ -1001,9 +1024,9 @@ impl Node {
                 Ok(p) => p,
                 Err(e) => {
                     // Some of the batch may have gone to replicas already, while this store
-                    // rolled it back: take the segment up again only after checking that no
-                    // replica is ahead (see `replicas_not_ahead`).
-                    lock(&self.cleared).remove(&(seg.id, seg.epoch.0));
+                    // rolled it back: appending at those positions again could give replicas
+                    // different entries there. Leave the segment to a failover.
+                    lock(&self.tainted).insert((seg.id, seg.epoch.0));
                     lock(&self.leases).remove(&seg.id);
                     return Err(format!("append failed: {e}"));
                 }
@@ -1492,6 +1515,42 @@ impl Node {
             .map_err(|e| e.to_string())
     }
 
+    /// A Raft append arrived carrying the leader's commit index: for a node that started with
+    /// an empty log, the first one bounds what was applied before it started (see `Boot`).
+    pub fn note_leader_commit(&self, commit: Option<u64>) {
+        let mut b = lock(&self.boot);
+        if b.index.is_none() {
+            b.index = Some(commit.unwrap_or(0));
+        }
+    }
+
+    /// Whether `seg` was opened after this process started (see `Boot`); `false` while unsure.
+    fn opened_since_start(&self, seg: SegmentId) -> bool {
+        self.settle_boot();
+        lock(&self.boot).first_new.is_some_and(|first| seg >= first)
+    }
+
+    /// Fixes `Boot::first_new` once this node has applied up to the boot index (called every
+    /// lease-loop round, so it lands soon after; segments opened in between count as old,
+    /// which only costs them a replica check).
+    fn settle_boot(&self) {
+        let mut b = lock(&self.boot);
+        if b.first_new.is_none() {
+            let applied = self
+                .raft
+                .metrics()
+                .borrow()
+                .last_applied
+                .map_or(0, |l| l.index);
+            match b.index {
+                Some(i) if applied >= i => {
+                    b.first_new = Some(self.sm.read(|m| m.next_segment_id()));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Records that the metadata leader of `term` was heard from (or, as that leader,
     /// granted) now.
     pub fn note_leader_contact(&self, term: u64) {
@@ -1533,14 +1592,26 @@ impl Node {
     /// append needs a lease that has not expired (counted from when it was requested).
     pub async fn lease_loop(self: Arc<Self>) {
         loop {
+            self.settle_boot();
             let led = self.led_open_segments();
-            lock(&self.cleared)
-                .retain(|(id, epoch)| led.iter().any(|(_, s)| s.id == *id && s.epoch.0 == *epoch));
+            let still_led = |(id, epoch): &(SegmentId, u64)| {
+                led.iter().any(|(_, s)| s.id == *id && s.epoch.0 == *epoch)
+            };
+            lock(&self.cleared).retain(still_led);
+            lock(&self.tainted).retain(still_led);
             for (topic, seg) in led {
                 if self.fenced_past(seg.id, seg.epoch.0) {
                     // Fenced by a failover: let the lease run out so that the recovery (or a
                     // new metadata leader's) can finish.
                     continue;
+                }
+                if lock(&self.tainted).contains(&(seg.id, seg.epoch.0)) {
+                    continue;
+                }
+                if !lock(&self.cleared).contains(&(seg.id, seg.epoch.0))
+                    && self.opened_since_start(seg.id)
+                {
+                    lock(&self.cleared).insert((seg.id, seg.epoch.0));
                 }
                 if !lock(&self.cleared).contains(&(seg.id, seg.epoch.0)) {
                     // First sight in this process: check the replicas on the side (they may be

@@ -239,6 +239,7 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
     match req {
         RpcRequest::AppendEntries(r) => {
             node.note_leader_contact(r.vote.leader_id.term);
+            node.note_leader_commit(r.leader_commit.map(|l| l.index));
             RpcResponse::AppendEntries(raft.append_entries(r).await)
         }
         RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await),

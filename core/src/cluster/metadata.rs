@@ -395,6 +395,11 @@ impl Metadata {
         &self.nodes
     }
 
+    /// The id the next segment will get: every segment opened so far has a lower one.
+    pub fn next_segment_id(&self) -> SegmentId {
+        SegmentId(self.next_segment_id)
+    }
+
     /// All topics.
     pub fn topics(&self) -> &BTreeMap<String, TopicMeta> {
         &self.topics

@@ -1,17 +1,26 @@
 //! Recovery of a segment whose leader is gone, as run by the metadata leader: fence the old
-//! epoch on the replicas, collect a majority's durable lengths, propose sealing at the longest
+//! epoch on the replicas, collect the durable lengths of a fence quorum (enough replicas to meet
+//! every majority; see `fence_quorum`), propose sealing at the longest
 //! (which includes every committed entry), then drive every replica to exactly that length. It
 //! must only be started once the old lease can no longer be valid (see `lease::LeaseTable`), and
 //! it never writes metadata itself: it proposes `Recover`.
 //!
-//! Why the longest of a majority: a committed entry is durable on a majority; any two majorities
-//! intersect, so at least one fenced replica holds it. Fencing first guarantees no entry can
+//! Why the longest of a fence quorum: a committed entry is durable on a majority, which meets
+//! every fence quorum, so at least one fenced replica holds it. Fencing first guarantees no entry can
 //! become committed at the old epoch after the lengths were collected.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::metadata::Command;
 use super::{majority, Effect, Epoch, NodeId, PeerMsg, SegmentRef};
+
+/// Replicas a recovery must fence: enough to meet every write quorum (a majority), so that
+/// one of them holds each acknowledged entry and no new write can be acknowledged; that is
+/// `n - majority(n) + 1`. Fewer than a majority when `n` is even: of 2 replicas (a segment
+/// opened while only 2 nodes were live), every write needed both, so one survivor suffices.
+pub fn fence_quorum(n: usize) -> usize {
+    (n + 1).saturating_sub(majority(n)).min(n)
+}
 
 /// An input to a recovery.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,7 +40,7 @@ pub enum RecoveryInput {
 /// Where a recovery is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Phase {
-    /// Waiting for a majority of `FenceAck`s.
+    /// Waiting for a fence quorum of `FenceAck`s.
     Fencing,
     /// `Recover { entries: len }` proposed; waiting for metadata to seal.
     Proposed {
@@ -100,9 +109,10 @@ impl Recovery {
             }) if epoch == self.new_epoch && self.replicas.contains(&from) => {
                 self.fenced.insert(from, len);
                 if self.phase == Phase::Fencing
-                    && self.fenced.len() >= majority(self.replicas.len())
+                    && self.fenced.len() >= fence_quorum(self.replicas.len())
                 {
-                    // The fenced map is non-empty here (majority of a non-empty set is >= 1).
+                    // The fenced map is non-empty here (the fence quorum of a non-empty set is
+                    // at least 1).
                     let (len, donor) = self
                         .fenced
                         .iter()

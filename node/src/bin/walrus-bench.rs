@@ -73,6 +73,14 @@ struct Args {
     /// Keep the data directories and node logs (for inspection) instead of deleting them.
     #[arg(long)]
     keep_dir: bool,
+    /// Durability level the nodes run at (`--durability` of walrus-node; default: the
+    /// WALRUS_DURABILITY of this process, else the node default, quorum-fsync).
+    #[arg(long)]
+    durability: Option<String>,
+    /// P1-P4 twice per repeat, in turns: 1 node at leader-fsync (the baseline), then `--nodes`
+    /// (3 if 1) at quorum-fsync; prints both and the replicated/baseline ratios.
+    #[arg(long)]
+    compare: bool,
     /// Instead of P1-P4: measure failover on 3 nodes. SIGKILL the leader of a topic's open
     /// segment this many times (restarting it in between) and time each kill to the first
     /// acknowledged write on that topic.
@@ -488,6 +496,7 @@ struct Spawn {
     raft: u16,
     client: u16,
     join: Option<u16>,
+    durability: Option<String>,
 }
 
 impl Spawn {
@@ -514,6 +523,9 @@ impl Spawn {
             .stderr(err);
         if let Some(j) = self.join {
             cmd.arg("--join").arg(format!("127.0.0.1:{j}"));
+        }
+        if let Some(d) = &self.durability {
+            cmd.env("WALRUS_DURABILITY", d);
         }
         let child = cmd
             .spawn()
@@ -605,7 +617,12 @@ fn wait_until(
     ))
 }
 
-fn start_cluster(bin: &Path, dir: &Path, count: usize) -> Result<Cluster, String> {
+fn start_cluster(
+    bin: &Path,
+    dir: &Path,
+    count: usize,
+    durability: Option<&str>,
+) -> Result<Cluster, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     let ports = free_ports(count * 2)?;
     let mut cluster = Cluster { nodes: Vec::new() };
@@ -617,6 +634,7 @@ fn start_cluster(bin: &Path, dir: &Path, count: usize) -> Result<Cluster, String
             raft: ports[2 * i],
             client: ports[2 * i + 1],
             join: (i > 0).then_some(ports[0]),
+            durability: durability.map(str::to_string),
         };
         cluster.nodes.push(spawn.start()?);
     }
@@ -732,7 +750,7 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
     let secs = args.secs;
     eprintln!("repeat {rep}: loopback ceiling ({secs} s)");
     let ceiling = loopback_ceiling(secs)?;
-    let cluster = start_cluster(bin, dir, args.nodes as usize)?;
+    let cluster = start_cluster(bin, dir, args.nodes as usize, args.durability.as_deref())?;
     let first = cluster.nodes[0].client.clone();
     let mut c = Conn::connect(&first).map_err(|e| format!("connect {first}: {e}"))?;
     match c
@@ -921,7 +939,11 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
     println!("- mode: {mode}");
     // The nodes inherit WALRUS_DURABILITY and WALRUS_REPLICATION_FACTOR from this process
     // (the node defaults: quorum-fsync, factor 3).
-    let durability = std::env::var("WALRUS_DURABILITY").unwrap_or_else(|_| "quorum-fsync".into());
+    let durability = args
+        .durability
+        .clone()
+        .or_else(|| std::env::var("WALRUS_DURABILITY").ok())
+        .unwrap_or_else(|| "quorum-fsync".into());
     let factor: u64 = std::env::var("WALRUS_REPLICATION_FACTOR")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1142,12 +1164,82 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(kills) = args.failover {
         return run_failover(&bin, &root.path.join("failover"), kills);
     }
+    if args.compare {
+        return run_compare(&args, &bin, &root.path);
+    }
     let mut results = Vec::new();
     for rep in 1..=args.repeats {
         let dir = root.path.join(format!("repeat{rep}"));
         results.push(run_repeat(&args, &bin, &dir, rep)?);
     }
     report(&args, &results, &root.path);
+    Ok(())
+}
+
+/// `--compare`: the single-node leader-fsync baseline and the replicated quorum-fsync cluster,
+/// alternating per repeat so that drifting load on a shared machine hits both alike.
+fn run_compare(args: &Args, bin: &Path, root: &Path) -> Result<(), String> {
+    let base = Args {
+        nodes: 1,
+        durability: Some("leader-fsync".into()),
+        ..args.clone()
+    };
+    let repl = Args {
+        nodes: if args.nodes == 1 { 3 } else { args.nodes },
+        durability: Some("quorum-fsync".into()),
+        ..args.clone()
+    };
+    let (mut rb, mut rr) = (Vec::new(), Vec::new());
+    for rep in 1..=args.repeats {
+        rb.push(run_repeat(
+            &base,
+            bin,
+            &root.join(format!("base{rep}")),
+            rep,
+        )?);
+        rr.push(run_repeat(
+            &repl,
+            bin,
+            &root.join(format!("repl{rep}")),
+            rep,
+        )?);
+    }
+    report(&base, &rb, root);
+    println!();
+    report(&repl, &rr, root);
+    let names = workload_names(&args.sizes);
+    println!(
+        "\n## {} nodes at quorum-fsync against 1 node at leader-fsync, same run\n",
+        repl.nodes
+    );
+    println!(
+        "| workload | 1 node, leader-fsync (median msgs/s) | {} nodes, quorum-fsync | ratio |",
+        repl.nodes
+    );
+    println!("|---|---:|---:|---:|");
+    let mut p2 = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let b = median(&rb.iter().map(|r| r.phases[i].rate()).collect::<Vec<_>>());
+        let r = median(&rr.iter().map(|r| r.phases[i].rate()).collect::<Vec<_>>());
+        let ratio = if b > 0.0 { r / b } else { 0.0 };
+        if name.starts_with("P2") {
+            p2.push((name.clone(), ratio));
+        }
+        println!(
+            "| {name} | {} | {} | {:.0}% |",
+            fmt_rate(b),
+            fmt_rate(r),
+            ratio * 100.0
+        );
+    }
+    println!();
+    for (name, ratio) in p2 {
+        println!(
+            "- target: {name} at quorum-fsync at least half of single-node leader-fsync: {:.0}% — {}",
+            ratio * 100.0,
+            met(ratio >= 0.5)
+        );
+    }
     Ok(())
 }
 
@@ -1197,7 +1289,7 @@ fn put_until_ok(addrs: &[String], topic: &str) -> Result<Instant, String> {
 
 /// The failover measurement: see `Args::failover`.
 fn run_failover(bin: &Path, dir: &Path, kills: u64) -> Result<(), String> {
-    let mut cluster = start_cluster(bin, dir, 3)?;
+    let mut cluster = start_cluster(bin, dir, 3, None)?;
     let topic = "failover";
     let all: Vec<String> = cluster.nodes.iter().map(|n| n.client.clone()).collect();
     let mut c = Conn::connect(&all[0]).map_err(|e| e.to_string())?;

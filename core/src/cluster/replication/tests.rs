@@ -651,3 +651,47 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn fence_quorum_meets_every_majority() {
+    use crate::cluster::majority;
+    use crate::cluster::recovery::fence_quorum;
+    assert_eq!(
+        (1..=6).map(fence_quorum).collect::<Vec<_>>(),
+        vec![1, 1, 2, 2, 3, 3]
+    );
+    assert_eq!(fence_quorum(0), 0);
+    for n in 1..=9 {
+        // Every write quorum meets every fence quorum, and the fence leaves no write quorum
+        // unfenced.
+        assert!(fence_quorum(n) + majority(n) > n, "n={n}");
+        assert!(fence_quorum(n) <= majority(n), "n={n}");
+    }
+}
+
+#[test]
+fn recovery_of_a_two_replica_segment_needs_only_the_survivor() {
+    // Opened while only two nodes were live: each write needed both replicas, so the
+    // survivor alone holds every acknowledged entry once its leader is gone.
+    let mut out = Vec::new();
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2], &mut out).unwrap();
+    out.clear();
+    rec.handle(
+        RecoveryInput::Peer(PeerMsg::FenceAck {
+            seg: seg(),
+            epoch: Epoch(1),
+            from: N2,
+            len: 4,
+        }),
+        &mut out,
+    );
+    assert_eq!(
+        out,
+        vec![Effect::Propose(Command::Recover {
+            topic: "t".into(),
+            segment: SegmentId(0),
+            epoch: Epoch(0),
+            entries: 4
+        })]
+    );
+}

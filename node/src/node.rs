@@ -1594,11 +1594,10 @@ impl Node {
         loop {
             self.settle_boot();
             let led = self.led_open_segments();
-            let still_led = |(id, epoch): &(SegmentId, u64)| {
-                led.iter().any(|(_, s)| s.id == *id && s.epoch.0 == *epoch)
-            };
-            lock(&self.cleared).retain(still_led);
-            lock(&self.tainted).retain(still_led);
+            let led_ids: BTreeSet<(SegmentId, u64)> =
+                led.iter().map(|(_, s)| (s.id, s.epoch.0)).collect();
+            lock(&self.cleared).retain(|k| led_ids.contains(k));
+            lock(&self.tainted).retain(|k| led_ids.contains(k));
             for (topic, seg) in led {
                 if self.fenced_past(seg.id, seg.epoch.0) {
                     // Fenced by a failover: let the lease run out so that the recovery (or a

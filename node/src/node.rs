@@ -591,8 +591,9 @@ impl Node {
                             self.sync_store()?;
                         }
                         if replicated {
+                            // The pushes started when the batch was queued.
                             let end = offset - seg.base_offset + payloads.len() as u64;
-                            let quorum = self.replicate(topic, &seg, end, level.needs_fsync());
+                            let quorum = self.quorum_wait(&seg, end, level.needs_fsync());
                             if level.needs_quorum() {
                                 let remaining = deadline.saturating_duration_since(Instant::now());
                                 match tokio::time::timeout(remaining, quorum).await {
@@ -667,6 +668,18 @@ impl Node {
         end: u64,
         durable: bool,
     ) -> impl std::future::Future<Output = bool> {
+        self.start_pushes(topic, seg, end, durable);
+        self.quorum_wait(seg, end, durable)
+    }
+
+    /// Resolves to `true` once a majority of `seg`'s replicas (this node included) hold `end`
+    /// entries (fsynced, if `durable`), as the pushes report them.
+    fn quorum_wait(
+        &self,
+        seg: &SegmentMeta,
+        end: u64,
+        durable: bool,
+    ) -> impl std::future::Future<Output = bool> {
         let need = walrus_core::cluster::majority(seg.replicas.len()).saturating_sub(1);
         let others: Vec<NodeId> = seg
             .replicas
@@ -674,7 +687,6 @@ impl Node {
             .copied()
             .filter(|&r| r != self.me())
             .collect();
-        self.start_pushes(topic, seg, end, durable);
         let repl = self.replication.clone();
         let id = seg.id;
         async move {
@@ -1604,28 +1616,28 @@ impl Node {
                     // new metadata leader's) can finish.
                     continue;
                 }
-                if lock(&self.tainted).contains(&(seg.id, seg.epoch.0)) {
+                let key = (seg.id, seg.epoch.0);
+                if lock(&self.tainted).contains(&key) {
                     continue;
                 }
-                if !lock(&self.cleared).contains(&(seg.id, seg.epoch.0))
-                    && self.opened_since_start(seg.id)
-                {
-                    lock(&self.cleared).insert((seg.id, seg.epoch.0));
-                }
-                if !lock(&self.cleared).contains(&(seg.id, seg.epoch.0)) {
-                    // First sight in this process: check the replicas on the side (they may be
-                    // slow to answer) and take the first lease right after.
-                    if lock(&self.taking_up).insert(seg.id) {
-                        let this = self.clone();
-                        tokio::spawn(async move {
-                            if this.replicas_not_ahead(&topic, &seg).await {
-                                lock(&this.cleared).insert((seg.id, seg.epoch.0));
-                                this.renew_lease(&topic, &seg).await;
-                            }
-                            lock(&this.taking_up).remove(&seg.id);
-                        });
+                if !lock(&self.cleared).contains(&key) {
+                    if !self.opened_since_start(seg.id) {
+                        // First sight in this process of a segment that may predate it: check
+                        // the replicas on the side (they may be slow to answer) and take the
+                        // first lease right after.
+                        if lock(&self.taking_up).insert(seg.id) {
+                            let this = self.clone();
+                            tokio::spawn(async move {
+                                if this.replicas_not_ahead(&topic, &seg).await {
+                                    lock(&this.cleared).insert(key);
+                                    this.renew_lease(&topic, &seg).await;
+                                }
+                                lock(&this.taking_up).remove(&seg.id);
+                            });
+                        }
+                        continue;
                     }
-                    continue;
+                    lock(&self.cleared).insert(key);
                 }
                 self.renew_lease(&topic, &seg).await;
             }

@@ -377,6 +377,16 @@ fn fenced_follower_rejects_the_stale_leader() {
     assert_eq!(r.epoch(), Epoch(1));
 }
 
+/// A replica's answer to the epoch-1 fence of `seg()`.
+fn fence_ack(from: NodeId, len: u64) -> RecoveryInput {
+    RecoveryInput::Peer(PeerMsg::FenceAck {
+        seg: seg(),
+        epoch: Epoch(1),
+        from,
+        len,
+    })
+}
+
 #[test]
 fn recovery_fences_seals_at_longest_and_catches_up() {
     let mut out = Vec::new();
@@ -391,17 +401,9 @@ fn recovery_fences_seals_at_longest_and_catches_up() {
     };
     assert_eq!(out, vec![fence(N1), fence(N2), fence(N3)]);
     out.clear();
-    let fack = |from, len| {
-        RecoveryInput::Peer(PeerMsg::FenceAck {
-            seg: seg(),
-            epoch: Epoch(1),
-            from,
-            len,
-        })
-    };
-    rec.handle(fack(N2, 3), &mut out);
+    rec.handle(fence_ack(N2, 3), &mut out);
     assert_eq!(out, vec![]);
-    rec.handle(fack(N3, 1), &mut out);
+    rec.handle(fence_ack(N3, 1), &mut out);
     assert_eq!(
         out,
         vec![Effect::Propose(Command::Recover {
@@ -676,15 +678,7 @@ fn recovery_of_a_two_replica_segment_needs_only_the_survivor() {
     let mut out = Vec::new();
     let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2], &mut out).unwrap();
     out.clear();
-    rec.handle(
-        RecoveryInput::Peer(PeerMsg::FenceAck {
-            seg: seg(),
-            epoch: Epoch(1),
-            from: N2,
-            len: 4,
-        }),
-        &mut out,
-    );
+    rec.handle(fence_ack(N2, 4), &mut out);
     assert_eq!(
         out,
         vec![Effect::Propose(Command::Recover {

@@ -54,6 +54,9 @@ struct Args {
     /// Requests in flight in P2.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     inflight: u64,
+    /// Workloads to run, comma-separated (the others are skipped and left out of the report).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["P1".to_string(), "P2".into(), "P3".into(), "P4".into()])]
+    phases: Vec<String>,
     /// Producers in P3.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
     producers: u64,
@@ -86,6 +89,13 @@ struct Args {
     /// acknowledged write on that topic.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     failover: Option<u64>,
+}
+
+impl Args {
+    /// Whether workload `p` ("P1".."P4") was asked for.
+    fn runs(&self, p: &str) -> bool {
+        self.phases.iter().any(|x| x.eq_ignore_ascii_case(p))
+    }
 }
 
 // ---------------------------------------------------------------------- client
@@ -789,6 +799,10 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
 
     let mut phases = Vec::new();
     for &size in &args.sizes {
+        if !args.runs("P1") {
+            phases.push(Phase::new());
+            continue;
+        }
         eprintln!("repeat {rep}: P1 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
         let mut p = run_serial(&leader_addr, &frame, &Barrier::new(1), secs)?;
@@ -797,6 +811,10 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         phases.push(p);
     }
     for &size in &args.sizes {
+        if !args.runs("P2") {
+            phases.push(Phase::new());
+            continue;
+        }
         eprintln!("repeat {rep}: P2 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
         let mut p = run_pipelined(&leader_addr, &frame, args.inflight as usize, secs)?;
@@ -814,6 +832,10 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         })
         .collect();
     for &size in &args.sizes {
+        if !args.runs("P3") {
+            phases.push(Phase::new());
+            continue;
+        }
         eprintln!("repeat {rep}: P3 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
         let mut p = run_producers(&producer_addrs, &frame, secs)?;
@@ -822,8 +844,14 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         phases.push(p);
     }
     let budget = Duration::from_secs(args.get_budget_secs.unwrap_or(2 * secs));
-    eprintln!("repeat {rep}: P4 reading back {written} entries (budget {budget:?})");
-    let (mut p4, bad_size) = run_consumer(&leader_addr, written, &args.sizes, budget)?;
+    if args.runs("P4") {
+        eprintln!("repeat {rep}: P4 reading back {written} entries (budget {budget:?})");
+    }
+    let (mut p4, bad_size) = if args.runs("P4") {
+        run_consumer(&leader_addr, written, &args.sizes, budget)?
+    } else {
+        (Phase::new(), 0)
+    };
     p4.rss_kib = cluster.peak_rss_kib();
     phases.push(p4);
     let forwarded = cluster
@@ -993,6 +1021,9 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
         let med = median(&rates);
         let (lo, hi) = min_max(&rates);
         medians.push(med);
+        if !args.runs(&name[..2]) {
+            continue;
+        }
         let mut hist = new_hist();
         let mut errors = 0;
         let mut rss = 0;
@@ -1033,7 +1064,7 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
     println!();
 
     let p4 = names.len() - 1;
-    for (k, r) in results.iter().enumerate() {
+    for (k, r) in results.iter().enumerate().filter(|_| args.runs("P4")) {
         let g = &r.phases[p4];
         println!(
             "- repeat {}: P4 read {} of {} entries written in {:.1} s{}{}",
@@ -1082,7 +1113,12 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
 
     println!("| target | measured (median) | result |");
     println!("|---|---|---|");
-    let first_of = |p: &str| names.iter().position(|n| n.starts_with(p));
+    let first_of = |p: &str| {
+        names
+            .iter()
+            .position(|n| n.starts_with(p))
+            .filter(|_| args.runs(p))
+    };
     if let Some(i) = first_of("P1") {
         let ratio = if ceil_med > 0.0 {
             medians[i] / ceil_med
@@ -1120,11 +1156,13 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
             );
         }
     }
-    println!(
-        "| P4 ≥ 20,000 GET/s | {} GET/s | {} |",
-        fmt_rate(medians[p4]),
-        met(medians[p4] >= 20_000.0)
-    );
+    if args.runs("P4") {
+        println!(
+            "| P4 ≥ 20,000 GET/s | {} GET/s | {} |",
+            fmt_rate(medians[p4]),
+            met(medians[p4] >= 20_000.0)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------- main
@@ -1135,6 +1173,15 @@ fn run(args: Args) -> Result<(), String> {
     }
     if args.sizes.is_empty() || args.sizes.iter().any(|&s| s == 0 || s > 512 << 10) {
         return Err("--sizes must be between 1 and 524288 bytes".into());
+    }
+    if let Some(p) = args.phases.iter().find(|p| {
+        !["P1", "P2", "P3", "P4"]
+            .iter()
+            .any(|k| p.eq_ignore_ascii_case(k))
+    }) {
+        return Err(format!(
+            "--phases: unknown workload {p:?} (P1, P2, P3 or P4)"
+        ));
     }
     let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
     let bin = args
@@ -1219,6 +1266,9 @@ fn run_compare(args: &Args, bin: &Path, root: &Path) -> Result<(), String> {
     println!("|---|---:|---:|---:|");
     let mut p2 = Vec::new();
     for (i, name) in names.iter().enumerate() {
+        if !args.runs(&name[..2]) {
+            continue;
+        }
         let b = median(&rb.iter().map(|r| r.phases[i].rate()).collect::<Vec<_>>());
         let r = median(&rr.iter().map(|r| r.phases[i].rate()).collect::<Vec<_>>());
         let ratio = if b > 0.0 { r / b } else { 0.0 };

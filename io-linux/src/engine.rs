@@ -165,7 +165,7 @@ struct Request<D: Disk> {
     generation: u64,
     first_offset: u64,
     end_offset: u64,
-    done: SyncSender<io::Result<()>>,
+    done: oneshot::Sender<io::Result<()>>,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -450,7 +450,7 @@ impl<D: Disk> Engine<D> {
         if let Some(tx) = &self.wal_tx {
             // The group-commit thread journals the records, and only once they are durable
             // writes them into the segment: a failed commit leaves nothing in any segment.
-            let (done_tx, done_rx) = mpsc::sync_channel(1);
+            let (done_tx, done_rx) = oneshot::channel();
             let req = Request {
                 topic: topic.clone(),
                 segment,
@@ -1321,7 +1321,7 @@ fn write_zeros<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
 pub struct PendingAppend<'a, D: Disk> {
     engine: &'a Engine<D>,
     first: u64,
-    done: Option<mpsc::Receiver<io::Result<()>>>,
+    done: Option<oneshot::Receiver<io::Result<()>>>,
 }
 
 impl<D: Disk> PendingAppend<'_, D> {
@@ -1335,19 +1335,38 @@ impl<D: Disk> PendingAppend<'_, D> {
         self.done.is_some()
     }
 
-    /// Waits until the batch is readable (and, under `SyncEach`, durable); returns its first
+    /// Blocks until the batch is readable (and, under `SyncEach`, durable); returns its first
     /// offset. An error means none of it was stored.
-    pub fn wait(self) -> io::Result<u64> {
-        let Some(done) = self.done else {
+    pub fn wait(mut self) -> io::Result<u64> {
+        let Some(done) = self.take_done() else {
             return Ok(self.first);
         };
+        Self::finish(done.recv(), self.first)
+    }
+
+    /// [`PendingAppend::wait`] for async callers: awaits the group commit without blocking
+    /// the calling thread (the commit runs on its own thread either way, and completes even if
+    /// this future is dropped).
+    pub async fn done(mut self) -> io::Result<u64> {
+        let Some(done) = self.take_done() else {
+            return Ok(self.first);
+        };
+        Self::finish(done.await, self.first)
+    }
+
+    /// The completion to wait on; with `inline_commit` the commit is run here first.
+    fn take_done(&mut self) -> Option<oneshot::Receiver<io::Result<()>>> {
+        let done = self.done.take()?;
         if let Some(worker) = &self.engine.inline {
             // Whoever holds the worker commits everything queued so far, ours included.
             lock(worker).drain();
         }
-        done.recv()
-            .unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
-            .map(|()| self.first)
+        Some(done)
+    }
+
+    fn finish(r: Result<io::Result<()>, oneshot::RecvError>, first: u64) -> io::Result<u64> {
+        r.unwrap_or_else(|_| Err(io::Error::other("group-commit thread has stopped")))
+            .map(|()| first)
     }
 }
 

@@ -86,6 +86,27 @@ fn a_begun_append_has_its_offsets_at_once_and_is_readable_after_wait() {
 }
 
 #[test]
+fn a_begun_append_can_be_awaited_from_another_thread_than_the_commit() {
+    for fsync in [FsyncSchedule::SyncEach, FsyncSchedule::NoFsync] {
+        let tmp = tempfile::tempdir().unwrap();
+        let wal = open(tmp.path(), ReadConsistency::StrictlyAtOnce, fsync);
+        let a = wal.batch_append_begin("t", &[b"a1", b"a2"]).unwrap();
+        let b = wal.batch_append_begin("t", &[b"b1"]).unwrap();
+        // Awaited (not blocked on): the group commit wakes this task when it is done.
+        assert_eq!(pollster::block_on(b.done()).unwrap(), 2);
+        assert_eq!(pollster::block_on(a.done()).unwrap(), 0);
+        assert_eq!(wal.entry_count("t"), 3);
+        let all: Vec<Vec<u8>> = wal
+            .read_from("t", 0, 10, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.data)
+            .collect();
+        assert_eq!(all, [&b"a1"[..], b"a2", b"b1"].map(|b| b.to_vec()));
+    }
+}
+
+#[test]
 fn invalid_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let wal = open(

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers};
@@ -119,7 +119,7 @@ pub struct Node {
     data: Arc<Walrus<NodeDisk>>,
     peers: Peers,
     /// Per segment led here: the gate appends pass (shared) and a seal closes (exclusive).
-    gates: Mutex<HashMap<SegmentId, Arc<RwLock<bool>>>>,
+    gates: Mutex<HashMap<SegmentId, Arc<tokio::sync::RwLock<bool>>>>,
     counters: Counters,
     started: Instant,
     /// Leases this node holds, per segment it leads.
@@ -191,6 +191,44 @@ struct Replication {
 
 /// Segment -> position -> a batch written there.
 type Staged = BTreeMap<SegmentId, BTreeMap<u64, Arc<Vec<Vec<u8>>>>>;
+
+/// A batch staged for the pushes while the leader's own write runs; unstaged when dropped
+/// (also when the PUT is abandoned midway).
+struct Staging<'a> {
+    replication: &'a Replication,
+    seg: SegmentId,
+    position: Option<u64>,
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        if let Some(position) = self.position {
+            self.replication.unstage(self.seg, position);
+        }
+    }
+}
+
+/// A leader's append whose batch may already be on its way to replicas: unless disarmed (the
+/// local write succeeded), dropping it taints the segment.
+struct Unresolved<'a> {
+    node: &'a Node,
+    seg: SegmentId,
+    epoch: u64,
+}
+
+impl Unresolved<'_> {
+    fn disarm(&mut self) {
+        self.epoch = u64::MAX;
+    }
+}
+
+impl Drop for Unresolved<'_> {
+    fn drop(&mut self) {
+        if self.epoch != u64::MAX {
+            self.node.taint(self.seg, self.epoch);
+        }
+    }
+}
 
 impl Replication {
     /// Keeps a copy of a batch being written at `position` for the pushes.
@@ -569,22 +607,26 @@ impl Node {
             };
             if leader == self.me() {
                 let replicated = seg.replicas.len() > 1;
-                let mut staged_at = None;
+                let mut staged = Staging {
+                    replication: &self.replication,
+                    seg: seg.id,
+                    position: None,
+                };
                 // Replication starts as soon as the batch has its positions, while this node's
                 // own write waits for its group commit: the two fsyncs overlap.
-                let appended = self.append_local(topic, &seg, payloads, |position, pending| {
-                    if replicated {
-                        if pending {
-                            self.replication.stage(seg.id, position, payloads);
-                            staged_at = Some(position);
+                let appended = self
+                    .append_local(topic, &seg, payloads, |position, pending| {
+                        if replicated {
+                            if pending {
+                                self.replication.stage(seg.id, position, payloads);
+                                staged.position = Some(position);
+                            }
+                            let end = position + payloads.len() as u64;
+                            self.start_pushes(topic, &seg, end, level.needs_fsync());
                         }
-                        let end = position + payloads.len() as u64;
-                        self.start_pushes(topic, &seg, end, level.needs_fsync());
-                    }
-                });
-                if let Some(position) = staged_at {
-                    self.replication.unstage(seg.id, position);
-                }
+                    })
+                    .await;
+                drop(staged);
                 match appended? {
                     Some(offset) => {
                         if level.needs_fsync() && !self.store_fsyncs() {
@@ -755,7 +797,7 @@ impl Node {
     /// Replica side: stores entries `position..` of a segment led elsewhere. Answers with the
     /// entries now held durably: fewer than `position` means the leader must send the gap
     /// first; entries already held are skipped.
-    pub fn store_replica(
+    pub async fn store_replica(
         &self,
         topic: &str,
         segment: u64,
@@ -768,7 +810,7 @@ impl Node {
         // One writer per segment at a time: the check and the append below are one step, and a
         // fence (which takes the same lock) sees either all of it or none.
         let gate = self.gate(seg);
-        let _held = gate.write().unwrap_or_else(|p| p.into_inner());
+        let _held = gate.write().await;
         // Fenced by a recovery here, or (durably, through Raft) recovered at a newer epoch.
         let recovered = self
             .with_segment(topic, seg, |s| s.epoch.0 > epoch)
@@ -776,7 +818,7 @@ impl Node {
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
         }
-        let written = self.append_at(topic, seg, position, payloads)?;
+        let written = self.append_at(topic, seg, position, payloads).await?;
         let durable = if self.store_fsyncs() {
             written
         } else if sync {
@@ -791,7 +833,7 @@ impl Node {
     /// Appends `payloads` (entries `position..` of the segment) after the entries held here,
     /// skipping those already held; the caller holds the segment's gate exclusively. Returns
     /// the entries now held.
-    fn append_at(
+    async fn append_at(
         &self,
         topic: &str,
         seg: SegmentId,
@@ -808,9 +850,13 @@ impl Node {
             .iter()
             .map(|p| p.as_slice())
             .collect();
+        let failed = |e: std::io::Error| format!("replica append failed: {e}");
         self.data
-            .batch_append(&key, &fresh)
-            .map_err(|e| format!("replica append failed: {e}"))?;
+            .batch_append_begin(&key, &fresh)
+            .map_err(failed)?
+            .done()
+            .await
+            .map_err(failed)?;
         Ok(self.data.entry_count(&key))
     }
 
@@ -857,7 +903,7 @@ impl Node {
     /// Replica side of a recovery's fence: from now on refuse writes to `segment` of epochs
     /// below `epoch` (as leader or replica), and answer with the entries held durably. The
     /// count is taken under the segment's gate, so no write of the old epoch lands after it.
-    pub fn fence(&self, topic: &str, segment: u64, epoch: u64) -> u64 {
+    pub async fn fence(&self, topic: &str, segment: u64, epoch: u64) -> u64 {
         let seg = SegmentId(segment);
         {
             let mut fences = lock(&self.fences);
@@ -865,7 +911,7 @@ impl Node {
             *f = (*f).max(epoch);
         }
         let gate = self.gate(seg);
-        let _held = gate.write().unwrap_or_else(|p| p.into_inner());
+        let _held = gate.write().await;
         tracing::info!(topic, segment, epoch, "segment fenced for recovery");
         self.data.entry_count(&segment_key(topic, seg))
     }
@@ -936,8 +982,8 @@ impl Node {
                     Ok(entries) if !entries.is_empty() => {
                         let n = entries.len() as u64;
                         let gate = self.gate(seg);
-                        let _held = gate.write().unwrap_or_else(|p| p.into_inner());
-                        self.append_at(topic, seg, held, &entries)?;
+                        let _held = gate.write().await;
+                        self.append_at(topic, seg, held, &entries).await?;
                         fetched += n;
                         self.counters
                             .repaired_entries
@@ -952,7 +998,9 @@ impl Node {
         }
     }
 
-    fn gate(&self, seg: SegmentId) -> Arc<RwLock<bool>> {
+    /// The segment's gate: `true` once closed for a seal. Appends hold it shared until their
+    /// write completes; a replica's write, a fence and a seal hold it exclusively.
+    fn gate(&self, seg: SegmentId) -> Arc<tokio::sync::RwLock<bool>> {
         self.gates
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -967,7 +1015,7 @@ impl Node {
     /// `queued(position, pending)` runs once the batch has its positions but before this node's
     /// own (group-committed) write completes, so the caller can send it to the replicas
     /// meanwhile. `Ok(None)`: not now (no lease yet, sealing, fenced); retry after a change.
-    fn append_local(
+    async fn append_local(
         &self,
         topic: &str,
         seg: &SegmentMeta,
@@ -999,7 +1047,7 @@ impl Node {
         let gate = self.gate(seg.id);
         let key = segment_key(topic, seg.id);
         let position = {
-            let frozen = gate.read().unwrap_or_else(|p| p.into_inner());
+            let frozen = gate.read().await;
             // Closed for a seal, or fenced by a failover (which will seal it and open the next
             // segment elsewhere; the caller then follows the metadata there).
             if *frozen || self.fenced_past(seg.id, seg.epoch.0) {
@@ -1010,38 +1058,30 @@ impl Node {
             // through Raft. (Found by the Tier B simulation, seed 1464.)
             if self.data.entry_count(&key) >= self.cfg.max_segment_entries {
                 drop(frozen);
-                self.close_gate(topic, seg.id);
+                self.close_gate(topic, seg.id).await;
                 return Ok(None);
             }
             let pending = self
                 .data
                 .batch_append_begin(&key, payloads)
                 .map_err(|e| format!("append failed: {e}"))?;
-            let is_pending = pending.is_pending();
-            queued(pending.first(), is_pending);
-            let wait = || pending.wait();
-            #[cfg(not(madsim))]
-            let appended = if is_pending {
-                // The append blocks for its fsync (group commit): keep this runtime worker's
-                // other tasks moving meanwhile.
-                tokio::task::block_in_place(wait)
-            } else {
-                // Already written to the page cache.
-                wait()
+            queued(pending.first(), pending.is_pending());
+            // Some of the batch may go to replicas before this store has it. If the store then
+            // rolls it back (a failed write), appending at those positions again could give
+            // replicas different entries there: the segment is left to a failover. So is it
+            // when nobody learns the outcome (this future dropped midway, say by a timeout).
+            let mut unresolved = Unresolved {
+                node: self,
+                seg: seg.id,
+                epoch: seg.epoch.0,
             };
-            // The simulated disk never blocks, and the simulator has one thread.
-            #[cfg(madsim)]
-            let appended = wait();
+            let appended = pending.done().await;
             let position = match appended {
-                Ok(p) => p,
-                Err(e) => {
-                    // Some of the batch may have gone to replicas already, while this store
-                    // rolled it back: appending at those positions again could give replicas
-                    // different entries there. Leave the segment to a failover.
-                    lock(&self.tainted).insert((seg.id, seg.epoch.0));
-                    lock(&self.leases).remove(&seg.id);
-                    return Err(format!("append failed: {e}"));
+                Ok(p) => {
+                    unresolved.disarm();
+                    p
                 }
+                Err(e) => return Err(format!("append failed: {e}")),
             };
             #[cfg(madsim)]
             crate::sim::record_append(crate::sim::Append {
@@ -1057,20 +1097,31 @@ impl Node {
         if position + payloads.len() as u64 >= self.cfg.max_segment_entries {
             // Close the gate now so the count stays exact; the rollover loop proposes the seal
             // within one tick.
-            self.close_gate(topic, seg.id);
+            self.close_gate(topic, seg.id).await;
         }
         Ok(Some(seg.base_offset + position))
     }
 
-    fn close_gate(&self, topic: &str, seg: SegmentId) {
-        *self.gate(seg).write().unwrap_or_else(|p| p.into_inner()) = true;
+    async fn close_gate(&self, topic: &str, seg: SegmentId) {
+        *self.gate(seg).write().await = true;
         tracing::debug!(topic, segment = seg.0, "segment full; gate closed");
+    }
+
+    /// Never appends to `seg` at `epoch` again here (its lease is dropped and not renewed):
+    /// a failover seals it from the replicas.
+    fn taint(&self, seg: SegmentId, epoch: u64) {
+        tracing::warn!(
+            segment = seg.0,
+            epoch,
+            "local append failed or was abandoned; segment left to a failover"
+        );
+        lock(&self.tainted).insert((seg, epoch));
+        lock(&self.leases).remove(&seg);
     }
 
     /// Seals `seg` (which this node leads) at its exact local length.
     async fn seal(&self, topic: &str, seg: &SegmentMeta) -> Result<(), Failure> {
-        let gate = self.gate(seg.id);
-        *gate.write().unwrap_or_else(|p| p.into_inner()) = true;
+        *self.gate(seg.id).write().await = true;
         let entries = self.data.entry_count(&segment_key(topic, seg.id));
         if self.quorum_length(topic, seg) < entries {
             // Seal only what a majority holds: a PUT still waiting for its quorum may yet be
@@ -1458,7 +1509,7 @@ impl Node {
                     // A failover is sealing it.
                     continue;
                 }
-                let closed = *self.gate(seg.id).read().unwrap_or_else(|p| p.into_inner());
+                let closed = *self.gate(seg.id).read().await;
                 let full = full_scan
                     && self.data.entry_count(&segment_key(&topic, seg.id))
                         >= self.cfg.max_segment_entries;

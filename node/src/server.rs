@@ -272,13 +272,14 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             position,
             payloads,
         } => RpcResponse::Replicate(
-            node.store_replica(&topic, segment, epoch, sync, position, &payloads),
+            node.store_replica(&topic, segment, epoch, sync, position, &payloads)
+                .await,
         ),
         RpcRequest::Fence {
             topic,
             segment,
             epoch,
-        } => RpcResponse::Fence(Ok(node.fence(&topic, segment, epoch))),
+        } => RpcResponse::Fence(Ok(node.fence(&topic, segment, epoch).await)),
         RpcRequest::SealAt {
             topic,
             segment,

@@ -22,7 +22,7 @@ use walrus_core::cluster::recovery::{Phase, Recovery, RecoveryInput};
 use walrus_core::cluster::{Effect, Epoch, NodeId, PeerMsg, SegmentId, SegmentRef};
 
 use crate::meta::{MetaResponse, Raft, StateMachine};
-use crate::rpc::{Peers, ReplicaHeld, RpcClient, RpcRequest, RpcResponse};
+use crate::rpc::{Entries, Peers, ReplicaHeld, RpcClient, RpcRequest, RpcResponse};
 pub use walrus_core::wire::Durability;
 
 /// How often the leader of an open segment reports its committed length to the metadata group.
@@ -251,18 +251,17 @@ impl Replication {
         }
     }
 
-    /// Staged entries `from..`, contiguous, at most `max` of them and about `max_bytes`.
-    fn staged_from(&self, seg: SegmentId, from: u64, max: usize, max_bytes: usize) -> Vec<Vec<u8>> {
+    /// Staged entries `from..`, contiguous, at most `max` of them and about `max_bytes`: slices
+    /// of the staged batches, not copies.
+    fn staged_from(&self, seg: SegmentId, from: u64, max: usize, max_bytes: usize) -> Entries {
+        let mut out = Entries::default();
         let staged = lock(&self.staged);
         let Some(m) = staged.get(&seg) else {
-            return Vec::new();
+            return out;
         };
-        let mut out: Vec<Vec<u8>> = Vec::new();
-        let mut bytes = 0usize;
-        let mut at = from;
+        let (mut n, mut bytes, mut at) = (0usize, 0usize, from);
         // The batch holding `from`, then those right after it.
-        let first = m.range(..=from).next_back().map(|(&p, _)| p);
-        let Some(first) = first else {
+        let Some(first) = m.range(..=from).next_back().map(|(&p, _)| p) else {
             return out;
         };
         for (&p, batch) in m.range(first..) {
@@ -270,16 +269,22 @@ impl Replication {
                 break;
             }
             let skip = (at - p) as usize;
-            if skip >= batch.len() {
-                continue;
-            }
-            for e in &batch[skip..] {
-                if out.len() >= max || (bytes + e.len() > max_bytes && !out.is_empty()) {
-                    return out;
+            let mut end = skip;
+            while end < batch.len() {
+                let len = batch[end].len();
+                if n >= max || (bytes + len > max_bytes && n > 0) {
+                    break;
                 }
-                bytes += e.len();
-                out.push(e.clone());
-                at += 1;
+                bytes += len;
+                n += 1;
+                end += 1;
+            }
+            if end > skip {
+                out.push_shared(batch.clone(), skip..end);
+                at += (end - skip) as u64;
+            }
+            if end < batch.len() {
+                break;
             }
         }
         out
@@ -626,7 +631,7 @@ impl Node {
                         }
                     })
                     .await;
-                drop(staged);
+                // `staged` stays until this PUT is done: the pushes for it send from there.
                 match appended? {
                     Some(offset) => {
                         if level.needs_fsync() && !self.store_fsyncs() {
@@ -804,7 +809,7 @@ impl Node {
         epoch: u64,
         sync: bool,
         position: u64,
-        payloads: &[Vec<u8>],
+        payloads: &Entries,
     ) -> Result<ReplicaHeld, Failure> {
         let seg = SegmentId(segment);
         // One writer per segment at a time: the check and the append below are one step, and a
@@ -818,7 +823,8 @@ impl Node {
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
         }
-        let written = self.append_at(topic, seg, position, payloads).await?;
+        let refs: Vec<&[u8]> = payloads.iter().collect();
+        let written = self.append_at(topic, seg, position, &refs).await?;
         let durable = if self.store_fsyncs() {
             written
         } else if sync {
@@ -838,7 +844,7 @@ impl Node {
         topic: &str,
         seg: SegmentId,
         position: u64,
-        payloads: &[Vec<u8>],
+        payloads: &[&[u8]],
     ) -> Result<u64, Failure> {
         let key = segment_key(topic, seg);
         let count = self.data.entry_count(&key);
@@ -846,13 +852,10 @@ impl Node {
         if position > count || payloads.len() as u64 <= count - position {
             return Ok(count);
         }
-        let fresh: Vec<&[u8]> = payloads[(count - position) as usize..]
-            .iter()
-            .map(|p| p.as_slice())
-            .collect();
+        let fresh = &payloads[(count - position) as usize..];
         let failed = |e: std::io::Error| format!("replica append failed: {e}");
         self.data
-            .batch_append_begin(&key, &fresh)
+            .batch_append_begin(&key, fresh)
             .map_err(failed)?
             .done()
             .await
@@ -983,7 +986,8 @@ impl Node {
                         let n = entries.len() as u64;
                         let gate = self.gate(seg);
                         let _held = gate.write().await;
-                        self.append_at(topic, seg, held, &entries).await?;
+                        let refs: Vec<&[u8]> = entries.iter().map(Vec::as_slice).collect();
+                        self.append_at(topic, seg, held, &refs).await?;
                         fetched += n;
                         self.counters
                             .repaired_entries
@@ -2301,29 +2305,42 @@ impl Push {
                 (held, target, durable < target_durable)
             };
             let want = (target.saturating_sub(from)).min(CATCH_UP_ENTRIES_MAX) as usize;
-            let payloads: Vec<Vec<u8>> = if want == 0 {
+            let payloads = if want == 0 {
                 // Everything is written there; this round only asks for the fsync.
-                Vec::new()
+                Entries::default()
             } else {
-                let mut p: Vec<Vec<u8>> = self
-                    .data
-                    .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
-                    .map_err(|e| format!("reading the entries to send: {e}"))?
-                    .into_iter()
-                    .map(|e| e.data)
-                    .collect();
-                if p.len() < want {
-                    // The rest may still be in this node's group commit.
-                    let bytes: usize = p.iter().map(Vec::len).sum();
-                    let more = self.repl.staged_from(
-                        self.segment,
-                        from + p.len() as u64,
-                        want - p.len(),
-                        CATCH_UP_BYTES_MAX.saturating_sub(bytes),
-                    );
-                    p.extend(more);
+                // A batch still staged (its PUT is running) is sent from there; older entries
+                // come from the store, followed by whatever is staged after them.
+                let staged = self
+                    .repl
+                    .staged_from(self.segment, from, want, CATCH_UP_BYTES_MAX);
+                if !staged.is_empty() {
+                    staged
+                } else {
+                    let p: Vec<Vec<u8>> = self
+                        .data
+                        .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
+                        .map_err(|e| format!("reading the entries to send: {e}"))?
+                        .into_iter()
+                        .map(|e| e.data)
+                        .collect();
+                    let (n, bytes) = (p.len(), p.iter().map(Vec::len).sum::<usize>());
+                    let mut entries = Entries::from_vecs(p);
+                    if n < want {
+                        // The rest may still be in this node's group commit.
+                        if let Entries::Shared(more) = self.repl.staged_from(
+                            self.segment,
+                            from + n as u64,
+                            want - n,
+                            CATCH_UP_BYTES_MAX.saturating_sub(bytes),
+                        ) {
+                            for (batch, range) in more {
+                                entries.push_shared(batch, range);
+                            }
+                        }
+                    }
+                    entries
                 }
-                p
             };
             if payloads.is_empty() && want > 0 {
                 // Nothing here to send (this store is shorter than the target): no round can
@@ -2395,7 +2412,12 @@ mod tests {
         r.stage(seg, 10, &[b"a", b"b", b"c"]);
         r.stage(seg, 13, &[b"d", b"e"]);
         r.stage(seg, 20, &[b"x"]); // not contiguous with the rest
-        let got = |from, max, bytes| r.staged_from(seg, from, max, bytes);
+        let got = |from, max, bytes| {
+            r.staged_from(seg, from, max, bytes)
+                .iter()
+                .map(<[u8]>::to_vec)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             got(10, 10, 1 << 20),
             [b"a", b"b", b"c", b"d", b"e"].map(|b| b.to_vec())
@@ -2407,6 +2429,14 @@ mod tests {
         assert!(got(9, 10, 1 << 20).is_empty());
         assert!(got(15, 10, 1 << 20).is_empty());
         assert!(r.staged_from(SegmentId(8), 10, 10, 1 << 20).is_empty());
+        // Slices of the staged batches, not copies.
+        match r.staged_from(seg, 11, 3, 1 << 20) {
+            Entries::Shared(parts) => {
+                let ranges: Vec<_> = parts.iter().map(|(_, r)| r.clone()).collect();
+                assert_eq!(ranges, [1..3, 0..1]);
+            }
+            other => panic!("{other:?}"),
+        }
         r.unstage(seg, 10);
         assert!(got(11, 10, 1 << 20).is_empty());
         assert_eq!(got(13, 10, 1 << 20).len(), 2);

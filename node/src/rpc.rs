@@ -70,8 +70,7 @@ pub enum RpcRequest {
         /// Segment-relative position of the first entry.
         position: u64,
         /// The entries, in order.
-        #[serde(with = "payloads")]
-        payloads: Vec<Vec<u8>>,
+        payloads: Entries,
     },
     /// Recovery coordinator (the metadata leader) → replica: refuse the segment's epochs below
     /// `epoch` from now on, and report the entries held durably.
@@ -249,6 +248,146 @@ mod payloads_result {
             In::Ok(p) => Ok(p),
             In::Err(e) => Err(e),
         })
+    }
+}
+
+/// The entries of a `Replicate`, encoded like a `payloads` list. The sender builds them from
+/// slices of shared batches (what the leader staged or read: no copy per replica); the
+/// receiver decodes them into one flat buffer (one allocation, not one per entry).
+#[derive(Debug, Clone)]
+pub enum Entries {
+    /// Ranges of shared batches, in order.
+    Shared(Vec<SharedRange>),
+    /// Entries back to back in `data`; entry `i` ends at `ends[i]`.
+    Flat {
+        /// The entries' bytes.
+        data: Vec<u8>,
+        /// End of each entry in `data`.
+        ends: Vec<usize>,
+    },
+}
+
+/// `batch[range]` of a shared batch.
+pub type SharedRange = (Arc<Vec<Vec<u8>>>, std::ops::Range<usize>);
+
+impl Default for Entries {
+    fn default() -> Entries {
+        Entries::Shared(Vec::new())
+    }
+}
+
+impl Entries {
+    /// Owned entries as one shared batch.
+    pub fn from_vecs(v: Vec<Vec<u8>>) -> Entries {
+        let n = v.len();
+        Entries::Shared(vec![(Arc::new(v), 0..n)])
+    }
+
+    /// Appends `batch[range]` (a `Shared` list only; a `Flat` one is left as it is).
+    pub fn push_shared(&mut self, batch: Arc<Vec<Vec<u8>>>, range: std::ops::Range<usize>) {
+        if let Entries::Shared(parts) = self {
+            if !range.is_empty() {
+                parts.push((batch, range));
+            }
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        match self {
+            Entries::Shared(parts) => parts.iter().map(|(_, r)| r.len()).sum(),
+            Entries::Flat { ends, .. } => ends.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Total payload bytes.
+    pub fn bytes(&self) -> usize {
+        self.iter().map(<[u8]>::len).sum()
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &[u8]> + '_> {
+        match self {
+            Entries::Shared(parts) => Box::new(
+                parts
+                    .iter()
+                    .flat_map(|(b, r)| b[r.clone()].iter().map(Vec::as_slice)),
+            ),
+            Entries::Flat { data, ends } => {
+                Box::new(ends.iter().scan(0usize, move |start, &end| {
+                    let e = &data[*start..end];
+                    *start = end;
+                    Some(e)
+                }))
+            }
+        }
+    }
+}
+
+impl Serialize for Entries {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for e in self.iter() {
+            seq.serialize_element(serde_bytes::Bytes::new(e))?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Entries, D::Error> {
+        struct Seq;
+        impl<'de> serde::de::Visitor<'de> for Seq {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of byte strings")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Entries, A::Error> {
+                // Capacity from the claimed count only up to a small bound: the decoder's size
+                // limit, not the claim, bounds what is allocated.
+                let mut ends = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                let mut data = Vec::new();
+                while seq.next_element_seed(AppendTo(&mut data))?.is_some() {
+                    ends.push(data.len());
+                }
+                Ok(Entries::Flat { data, ends })
+            }
+        }
+        d.deserialize_seq(Seq)
+    }
+}
+
+/// Decodes one byte string onto the end of a buffer.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for AppendTo<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_bytes(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AppendTo<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a byte string")
+    }
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<(), E> {
+        self.0.extend_from_slice(v);
+        Ok(())
+    }
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<(), E> {
+        self.0.extend_from_slice(&v);
+        Ok(())
     }
 }
 
@@ -430,13 +569,18 @@ mod tests {
             payloads in payload_lists(),
             position in any::<u64>(),
         ) {
+            // Sent as two slices of shared batches, as a leader sends staged entries.
+            let cut = payloads.len() / 2;
+            let mut entries = Entries::from_vecs(payloads[..cut].to_vec());
+            let rest = Arc::new(payloads[cut..].to_vec());
+            entries.push_shared(rest.clone(), 0..rest.len());
             let req = RpcRequest::Replicate {
                 topic: "t".into(),
                 segment: 3,
                 epoch: 2,
                 sync: true,
                 position,
-                payloads: payloads.clone(),
+                payloads: entries,
             };
             let frame = encode_frame(&req).unwrap();
             let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
@@ -444,7 +588,11 @@ mod tests {
             match decode_body::<RpcRequest>(&frame[4..]).unwrap() {
                 RpcRequest::Replicate { position: p, payloads: got, .. } => {
                     prop_assert_eq!(p, position);
-                    prop_assert_eq!(got, payloads);
+                    let flat = matches!(got, Entries::Flat { .. });
+                    prop_assert!(flat, "decoded entries are flat");
+                    prop_assert_eq!(got.len(), payloads.len());
+                    let got: Vec<Vec<u8>> = got.iter().map(<[u8]>::to_vec).collect();
+                    prop_assert_eq!(got, payloads.clone());
                 }
                 other => prop_assert!(false, "decoded {:?}", other),
             }
@@ -466,8 +614,10 @@ mod tests {
             }
             // Byte strings are encoded exactly as the derived `Vec<u8>` was.
             let ours = codec().serialize(&Payloads(&payloads)).unwrap();
+            let entries = codec().serialize(&Entries::from_vecs(payloads.clone())).unwrap();
             let derived = codec().serialize(&Derived(payloads)).unwrap();
-            prop_assert_eq!(ours, derived);
+            prop_assert_eq!(&ours, &derived);
+            prop_assert_eq!(entries, derived);
         }
 
         #[test]
@@ -486,7 +636,7 @@ mod tests {
             epoch: 0,
             sync: false,
             position: 0,
-            payloads: vec![vec![7]],
+            payloads: Entries::from_vecs(vec![vec![7]]),
         };
         let mut body = codec().serialize(&req).unwrap();
         let at = body.len() - 1 - 8;

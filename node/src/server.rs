@@ -72,12 +72,7 @@ async fn client_connection(
             }
         }
         let mut out = Vec::new();
-        for reply in handle_all(node, &bodies).await {
-            if matches!(reply, Reply::Err(_)) {
-                node.count_error();
-            }
-            put_frame(&mut out, &encode_reply(&reply));
-        }
+        handle_all(node, &bodies, &mut out).await;
         if let Some(reason) = broken {
             // The stream can no longer be trusted as frames: say why and hang up.
             put_frame(&mut out, &encode_reply(&Reply::Err(reason)));
@@ -107,10 +102,16 @@ fn bodies_were_capped(used: usize, rest: &[u8]) -> bool {
     used > 0 && matches!(take_frame(rest, usize::MAX), Ok(Some(_)))
 }
 
-/// Answers pipelined requests in order. Consecutive `PUT`s to one topic become one atomic
-/// batch append (one group commit, offsets in request order); everything else runs one by one.
-async fn handle_all(node: &Node, bodies: &[&[u8]]) -> Vec<Reply> {
-    let mut replies = Vec::with_capacity(bodies.len());
+/// Answers pipelined requests in order, as reply frames appended to `out`. Consecutive `PUT`s
+/// to one topic become one atomic batch append (one group commit, offsets in request order);
+/// everything else runs one by one.
+async fn handle_all(node: &Node, bodies: &[&[u8]], out: &mut Vec<u8>) {
+    let reply = |out: &mut Vec<u8>, r: &Reply| {
+        if matches!(r, Reply::Err(_)) {
+            node.count_error();
+        }
+        put_frame(out, &encode_reply(r));
+    };
     let mut i = 0;
     while i < bodies.len() {
         if let Ok(Command::Put(topic, _)) = parse_command(bodies[i]) {
@@ -135,20 +136,45 @@ async fn handle_all(node: &Node, bodies: &[&[u8]]) -> Vec<Reply> {
                     Ok(r) => r,
                     Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
                 };
-                for k in 0..payloads.len() as u64 {
-                    replies.push(match &result {
-                        Ok(first) => Reply::Ok(Some((first + k).to_string().into_bytes())),
-                        Err(e) => Reply::Err(e.clone()),
-                    });
+                match &result {
+                    Ok(first) => {
+                        for k in 0..payloads.len() as u64 {
+                            put_offset_reply(out, first + k);
+                        }
+                    }
+                    Err(e) => {
+                        let err = Reply::Err(e.clone());
+                        for _ in 0..payloads.len() {
+                            reply(out, &err);
+                        }
+                    }
                 }
                 i = j;
                 continue;
             }
         }
-        replies.push(handle(node, bodies[i]).await);
+        reply(out, &handle(node, bodies[i]).await);
         i += 1;
     }
-    replies
+}
+
+/// Appends the frame `OK <offset>` (an acknowledged PUT) without allocating.
+fn put_offset_reply(out: &mut Vec<u8>, offset: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = offset;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let body = 3 + digits.len() - at;
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.extend_from_slice(b"OK ");
+    out.extend_from_slice(&digits[at..]);
 }
 
 async fn handle(node: &Node, body: &[u8]) -> Reply {
@@ -306,5 +332,32 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             node.local_entry_count(&topic, walrus_core::cluster::SegmentId(segment)),
         ),
         RpcRequest::LeaderContact { term } => RpcResponse::LeaderContact(node.leader_contact(term)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn offset_replies_are_the_frames_encode_reply_gives(offset in any::<u64>()) {
+            let mut fast = Vec::new();
+            put_offset_reply(&mut fast, offset);
+            let mut slow = Vec::new();
+            let reply = Reply::Ok(Some(offset.to_string().into_bytes()));
+            put_frame(&mut slow, &encode_reply(&reply));
+            prop_assert_eq!(fast, slow);
+        }
+    }
+
+    #[test]
+    fn offset_replies_at_the_edges() {
+        for offset in [0, 9, 10, u64::MAX] {
+            let mut fast = Vec::new();
+            put_offset_reply(&mut fast, offset);
+            assert_eq!(&fast[4..], format!("OK {offset}").as_bytes());
+        }
     }
 }

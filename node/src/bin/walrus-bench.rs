@@ -797,6 +797,16 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         other => return Err(format!("warm-up PUT answered {other:?}")),
     }
 
+    // Like a Kafka producer refreshing its metadata, each phase starts on the current leader
+    // of the topic's open segment: segments roll over (every `--max-segment-entries` of the
+    // nodes) and their leadership rotates, and a node that does not lead forwards each PUT.
+    let leader_now = || -> Result<String, String> {
+        let id = open_segment_leader(&first, TOPIC)?;
+        cluster
+            .client_of(id)
+            .map(str::to_string)
+            .ok_or_else(|| format!("segment leader {id} is not a node started here"))
+    };
     let mut phases = Vec::new();
     for &size in &args.sizes {
         if !args.runs("P1") {
@@ -805,7 +815,7 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         }
         eprintln!("repeat {rep}: P1 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
-        let mut p = run_serial(&leader_addr, &frame, &Barrier::new(1), secs)?;
+        let mut p = run_serial(&leader_now()?, &frame, &Barrier::new(1), secs)?;
         p.rss_kib = cluster.peak_rss_kib();
         written += p.ok;
         phases.push(p);
@@ -817,20 +827,11 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         }
         eprintln!("repeat {rep}: P2 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
-        let mut p = run_pipelined(&leader_addr, &frame, args.inflight as usize, secs)?;
+        let mut p = run_pipelined(&leader_now()?, &frame, args.inflight as usize, secs)?;
         p.rss_kib = cluster.peak_rss_kib();
         written += p.ok;
         phases.push(p);
     }
-    let producer_addrs: Vec<String> = (0..args.producers as usize)
-        .map(|i| {
-            if args.spread {
-                cluster.nodes[i % cluster.nodes.len()].client.clone()
-            } else {
-                leader_addr.clone()
-            }
-        })
-        .collect();
     for &size in &args.sizes {
         if !args.runs("P3") {
             phases.push(Phase::new());
@@ -838,6 +839,16 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         }
         eprintln!("repeat {rep}: P3 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
+        let leader_addr = leader_now()?;
+        let producer_addrs: Vec<String> = (0..args.producers as usize)
+            .map(|i| {
+                if args.spread {
+                    cluster.nodes[i % cluster.nodes.len()].client.clone()
+                } else {
+                    leader_addr.clone()
+                }
+            })
+            .collect();
         let mut p = run_producers(&producer_addrs, &frame, secs)?;
         p.rss_kib = cluster.peak_rss_kib();
         written += p.ok;
@@ -944,7 +955,8 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
         "single node (`--nodes 1`)".to_string()
     } else {
         format!(
-            "{}-node cluster (`--nodes {}`), clients on the topic's segment leader{}",
+            "{}-node cluster (`--nodes {}`), clients on the leader of the topic's open segment, \
+             looked up before each phase{}",
             args.nodes,
             args.nodes,
             if args.spread {
@@ -999,7 +1011,7 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
         args.get_budget_secs.unwrap_or(2 * args.secs)
     );
     println!(
-        "- segment leader of `{TOPIC}` per repeat: {:?}; PUTs forwarded between nodes per repeat: {:?}",
+        "- first segment leader of `{TOPIC}` per repeat: {:?}; PUTs forwarded between nodes per repeat: {:?}",
         results.iter().map(|r| r.segment_leader).collect::<Vec<_>>(),
         results.iter().map(|r| r.forwarded).collect::<Vec<_>>()
     );

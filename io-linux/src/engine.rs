@@ -25,7 +25,8 @@ use walrus_core::limits::{
 use walrus_core::topic::validate_topic_name;
 use walrus_core::wal::cursor::{recover_cursor, CursorSlot, CURSOR_FILE_LEN};
 use walrus_core::wal::record::{
-    decode_record, encode_record, encoded_len, RecordError, FLAG_BATCH_CONTINUES,
+    decode_record, encode_record, encode_record_parts, encoded_len, RecordError,
+    FLAG_BATCH_CONTINUES,
 };
 use walrus_core::wal::segment::{
     decode_segment_header, encode_segment_header, parse_segment_file_name, scan_segment,
@@ -1501,19 +1502,18 @@ impl<D: Disk> WalWorker<D> {
         {
             self.checkpoint()?;
         }
-        let mut buf = Vec::new();
+        let mut buf = Vec::with_capacity(estimate as usize);
         let mut direct: Vec<&Request<D>> = Vec::new();
         let mut seq = self.journal.next_seq;
         for r in live {
             let count = r.end_offset - r.first_offset;
-            match journal_payload(&r.topic.name, r.first_offset, count, &r.data) {
-                Some(payload) => {
-                    encode_record(&mut buf, seq, 0, &payload);
-                    seq += 1;
-                }
+            if !fits_journal(&r.topic.name, &r.data) {
                 // Too large for one journal record: sync its segment instead.
-                None => direct.push(r),
+                direct.push(r);
+                continue;
             }
+            encode_journal_record(&mut buf, seq, &r.topic.name, r.first_offset, count, &r.data);
+            seq += 1;
         }
         let need = buf.len() as u64;
         for r in direct {
@@ -1642,18 +1642,21 @@ fn fresh_journal_base(base: u64, len: u64) -> u64 {
 }
 
 /// A journal record's payload: `[name len u8][name][first offset u64][count u64][records]`.
-fn journal_payload(topic: &str, first: u64, count: u64, records: &[u8]) -> Option<Vec<u8>> {
-    if !fits_journal(topic, records) {
-        return None;
-    }
-    let len = 1 + topic.len() + 16 + records.len();
-    let mut p = Vec::with_capacity(len);
-    p.push(topic.len() as u8);
-    p.extend_from_slice(topic.as_bytes());
-    p.extend_from_slice(&first.to_le_bytes());
-    p.extend_from_slice(&count.to_le_bytes());
-    p.extend_from_slice(records);
-    Some(p)
+/// Appends the journal record `seq` for `count` entries of `topic` from `first`: their segment
+/// `records` behind `[topic len u8][topic][first u64][count u64]` (the caller checked
+/// [`fits_journal`]), encoded in place rather than assembled first.
+fn encode_journal_record(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    topic: &str,
+    first: u64,
+    count: u64,
+    records: &[u8],
+) {
+    let name = topic.as_bytes();
+    let (first, count) = (first.to_le_bytes(), count.to_le_bytes());
+    let parts: [&[u8]; 5] = [&[name.len() as u8], name, &first, &count, records];
+    encode_record_parts(buf, seq, 0, &parts);
 }
 
 /// Whether one append's records fit in a single journal record (else its segment is synced
@@ -1687,4 +1690,31 @@ fn records_are_valid(data: &[u8], first: u64, count: u64) -> bool {
         }
     }
     count > 0 && at == data.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn journal_records_parse_back_to_what_was_journaled(
+            topic in "[a-z0-9_.-]{1,40}",
+            first in any::<u64>(),
+            count in any::<u64>(),
+            records in prop::collection::vec(any::<u8>(), 0..512),
+            seq in any::<u64>(),
+        ) {
+            prop_assume!(fits_journal(&topic, &records));
+            let mut buf = Vec::new();
+            encode_journal_record(&mut buf, seq, &topic, first, count, &records);
+            let rec = decode_record(&buf).unwrap();
+            prop_assert_eq!(rec.offset, seq);
+            prop_assert_eq!(
+                parse_journal_payload(rec.payload),
+                Some((topic.as_str(), first, count, records.as_slice()))
+            );
+        }
+    }
 }

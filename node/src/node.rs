@@ -209,23 +209,28 @@ impl Drop for Staging<'_> {
 }
 
 /// A leader's append whose batch may already be on its way to replicas: unless disarmed (the
-/// local write succeeded), dropping it taints the segment.
-struct Unresolved<'a> {
-    node: &'a Node,
-    seg: SegmentId,
-    epoch: u64,
+/// local write succeeded), dropping it runs `on_abandon` (which taints the segment), also when
+/// the future holding it is dropped midway.
+struct Unresolved<F: FnOnce()> {
+    on_abandon: Option<F>,
 }
 
-impl Unresolved<'_> {
+impl<F: FnOnce()> Unresolved<F> {
+    fn new(on_abandon: F) -> Self {
+        Unresolved {
+            on_abandon: Some(on_abandon),
+        }
+    }
+
     fn disarm(&mut self) {
-        self.epoch = u64::MAX;
+        self.on_abandon = None;
     }
 }
 
-impl Drop for Unresolved<'_> {
+impl<F: FnOnce()> Drop for Unresolved<F> {
     fn drop(&mut self) {
-        if self.epoch != u64::MAX {
-            self.node.taint(self.seg, self.epoch);
+        if let Some(f) = self.on_abandon.take() {
+            f();
         }
     }
 }
@@ -1074,11 +1079,7 @@ impl Node {
             // rolls it back (a failed write), appending at those positions again could give
             // replicas different entries there: the segment is left to a failover. So is it
             // when nobody learns the outcome (this future dropped midway, say by a timeout).
-            let mut unresolved = Unresolved {
-                node: self,
-                seg: seg.id,
-                epoch: seg.epoch.0,
-            };
+            let mut unresolved = Unresolved::new(|| self.taint(seg.id, seg.epoch.0));
             let appended = pending.done().await;
             let position = match appended {
                 Ok(p) => {
@@ -2404,6 +2405,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_append_abandoned_while_it_waits_runs_its_taint_and_a_finished_one_does_not() {
+        use std::cell::Cell;
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let tainted = Cell::new(0);
+        // Waits forever, as an append whose commit never reports would.
+        let stuck = async {
+            let mut u = Unresolved::new(|| tainted.set(tainted.get() + 1));
+            std::future::pending::<()>().await;
+            u.disarm();
+        };
+        let mut stuck = Box::pin(stuck);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(stuck.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(tainted.get(), 0);
+        drop(stuck);
+        assert_eq!(tainted.get(), 1, "dropping the waiting future taints");
+        let done = async {
+            let mut u = Unresolved::new(|| tainted.set(tainted.get() + 1));
+            std::future::ready(()).await;
+            u.disarm();
+        };
+        assert_eq!(Box::pin(done).as_mut().poll(&mut cx), Poll::Ready(()));
+        assert_eq!(tainted.get(), 1, "a finished append taints nothing");
+        drop(Unresolved::new(|| tainted.set(tainted.get() + 1)));
+        assert_eq!(tainted.get(), 2, "a failed one (never disarmed) taints");
+    }
 
     #[test]
     fn staged_batches_are_served_contiguously_from_any_position() {

@@ -59,6 +59,15 @@ fn append_peek_checkpoint_and_batch_read() {
     assert!(wal.read_from("t", 13, 5, usize::MAX).unwrap().is_empty());
 }
 
+/// The payloads of the first `n` entries of `topic`.
+fn first_entries(wal: &Walrus, topic: &str, n: usize) -> Vec<Vec<u8>> {
+    wal.read_from(topic, 0, n, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data)
+        .collect()
+}
+
 #[test]
 fn a_begun_append_has_its_offsets_at_once_and_is_readable_after_wait() {
     for fsync in [FsyncSchedule::SyncEach, FsyncSchedule::NoFsync] {
@@ -72,12 +81,7 @@ fn a_begun_append_has_its_offsets_at_once_and_is_readable_after_wait() {
         // Waiting on the later one first is fine: the group commit keeps queue order.
         assert_eq!(b.wait().unwrap(), 3);
         assert_eq!(a.wait().unwrap(), 1);
-        let all: Vec<Vec<u8>> = wal
-            .read_from("t", 0, 10, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.data)
-            .collect();
+        let all = first_entries(&wal, "t", 10);
         assert_eq!(all, [&b"zero"[..], b"a1", b"a2", b"b1"].map(|b| b.to_vec()));
         drop(wal);
         let wal = open(tmp.path(), ReadConsistency::StrictlyAtOnce, fsync);
@@ -96,12 +100,7 @@ fn a_begun_append_can_be_awaited_from_another_thread_than_the_commit() {
         assert_eq!(pollster::block_on(b.done()).unwrap(), 2);
         assert_eq!(pollster::block_on(a.done()).unwrap(), 0);
         assert_eq!(wal.entry_count("t"), 3);
-        let all: Vec<Vec<u8>> = wal
-            .read_from("t", 0, 10, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.data)
-            .collect();
+        let all = first_entries(&wal, "t", 10);
         assert_eq!(all, [&b"a1"[..], b"a2", b"b1"].map(|b| b.to_vec()));
     }
 }

@@ -387,6 +387,16 @@ fn fence_ack(from: NodeId, len: u64) -> RecoveryInput {
     })
 }
 
+/// The recovery's proposal to seal `seg()` (epoch 0) at `entries`.
+fn recover_proposal(entries: u64) -> Vec<Effect> {
+    vec![Effect::Propose(Command::Recover {
+        topic: "t".into(),
+        segment: SegmentId(0),
+        epoch: Epoch(0),
+        entries,
+    })]
+}
+
 #[test]
 fn recovery_fences_seals_at_longest_and_catches_up() {
     let mut out = Vec::new();
@@ -404,15 +414,7 @@ fn recovery_fences_seals_at_longest_and_catches_up() {
     rec.handle(fence_ack(N2, 3), &mut out);
     assert_eq!(out, vec![]);
     rec.handle(fence_ack(N3, 1), &mut out);
-    assert_eq!(
-        out,
-        vec![Effect::Propose(Command::Recover {
-            topic: "t".into(),
-            segment: SegmentId(0),
-            epoch: Epoch(0),
-            entries: 3
-        })]
-    );
+    assert_eq!(out, recover_proposal(3));
     out.clear();
     rec.handle(RecoveryInput::SegmentSealed { entries: 3 }, &mut out);
     assert_eq!(out.len(), 3);
@@ -679,13 +681,5 @@ fn recovery_of_a_two_replica_segment_needs_only_the_survivor() {
     let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2], &mut out).unwrap();
     out.clear();
     rec.handle(fence_ack(N2, 4), &mut out);
-    assert_eq!(
-        out,
-        vec![Effect::Propose(Command::Recover {
-            topic: "t".into(),
-            segment: SegmentId(0),
-            epoch: Epoch(0),
-            entries: 4
-        })]
-    );
+    assert_eq!(out, recover_proposal(4));
 }

@@ -29,6 +29,10 @@
 //! - `FsyncSchedule::NoFsync`: nothing is ever synced; the OS decides.
 //! - `batch_append_for_topic` is atomic across a crash: after recovery all of a batch is visible
 //!   or none of it.
+//! - `batch_append_begin` assigns a batch its offsets at once (in call order) and returns a
+//!   [`PendingAppend`]: `wait()` blocks until it is stored (durable under `SyncEach`), and
+//!   `done().await` is the same for async callers, without blocking their thread. The write
+//!   completes whether or not anyone waits.
 //! - `ReadConsistency::StrictlyAtOnce`: a checkpointed read (`checkpoint = true`) is persisted
 //!   before the entry is returned, so it is never delivered twice, even across a crash.
 //! - `ReadConsistency::AtLeastOnce { persist_every }`: the cursor is persisted every

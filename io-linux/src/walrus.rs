@@ -253,7 +253,7 @@ impl<D: Disk> Walrus<D> {
     }
 
     /// Starts an atomic batch append: the offsets are assigned now, in call order; the batch
-    /// becomes readable (and durable under `SyncEach`) when [`PendingAppend::wait`] returns.
+    /// becomes readable (and durable under `SyncEach`) when [`crate::PendingAppend::wait`] returns.
     pub fn batch_append_begin(
         &self,
         topic: &str,

@@ -253,6 +253,26 @@ pub fn encode_reply(r: &Reply) -> Vec<u8> {
     }
 }
 
+/// Appends the frame of `Reply::Ok(Some(offset))` (an acknowledged PUT), as `put_frame` of
+/// `encode_reply` would, without allocating.
+pub fn put_offset_reply(out: &mut Vec<u8>, offset: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = offset;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let body = 3 + digits.len() - at;
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.extend_from_slice(b"OK ");
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// Parses a reply body; anything unrecognised is an error reply describing it.
 pub fn parse_reply(body: &[u8]) -> Reply {
     if body == b"OK" {
@@ -374,6 +394,27 @@ mod tests {
                 max: 16
             })
         );
+    }
+
+    proptest! {
+        #[test]
+        fn offset_replies_are_the_frames_encode_reply_gives(offset in any::<u64>()) {
+            let mut fast = Vec::new();
+            put_offset_reply(&mut fast, offset);
+            let mut slow = Vec::new();
+            let reply = Reply::Ok(Some(offset.to_string().into_bytes()));
+            put_frame(&mut slow, &encode_reply(&reply));
+            prop_assert_eq!(fast, slow);
+        }
+    }
+
+    #[test]
+    fn offset_replies_at_the_edges() {
+        for offset in [0, 9, 10, u64::MAX] {
+            let mut fast = Vec::new();
+            put_offset_reply(&mut fast, offset);
+            assert_eq!(&fast[4..], format!("OK {offset}").as_bytes());
+        }
     }
 
     proptest! {

@@ -1641,7 +1641,6 @@ fn fresh_journal_base(base: u64, len: u64) -> u64 {
     base.saturating_add(len / walrus_core::wal::record::RECORD_HEADER_LEN as u64 + 1)
 }
 
-/// A journal record's payload: `[name len u8][name][first offset u64][count u64][records]`.
 /// Appends the journal record `seq` for `count` entries of `topic` from `first`: their segment
 /// `records` behind `[topic len u8][topic][first u64][count u64]` (the caller checked
 /// [`fits_journal`]), encoded in place rather than assembled first.

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use walrus_core::wire::{encode_reply, parse_command, put_frame, take_frame, Command, Reply};
+use walrus_core::wire::{
+    encode_reply, parse_command, put_frame, put_offset_reply, take_frame, Command, Reply,
+};
 
 use crate::node::Node;
 use crate::rpc::{read_msg, write_msg, RpcRequest, RpcResponse};
@@ -156,25 +158,6 @@ async fn handle_all(node: &Node, bodies: &[&[u8]], out: &mut Vec<u8>) {
         reply(out, &handle(node, bodies[i]).await);
         i += 1;
     }
-}
-
-/// Appends the frame `OK <offset>` (an acknowledged PUT) without allocating.
-fn put_offset_reply(out: &mut Vec<u8>, offset: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut v = offset;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    let body = 3 + digits.len() - at;
-    out.extend_from_slice(&(body as u32).to_le_bytes());
-    out.extend_from_slice(b"OK ");
-    out.extend_from_slice(&digits[at..]);
 }
 
 async fn handle(node: &Node, body: &[u8]) -> Reply {
@@ -332,32 +315,5 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             node.local_entry_count(&topic, walrus_core::cluster::SegmentId(segment)),
         ),
         RpcRequest::LeaderContact { term } => RpcResponse::LeaderContact(node.leader_contact(term)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn offset_replies_are_the_frames_encode_reply_gives(offset in any::<u64>()) {
-            let mut fast = Vec::new();
-            put_offset_reply(&mut fast, offset);
-            let mut slow = Vec::new();
-            let reply = Reply::Ok(Some(offset.to_string().into_bytes()));
-            put_frame(&mut slow, &encode_reply(&reply));
-            prop_assert_eq!(fast, slow);
-        }
-    }
-
-    #[test]
-    fn offset_replies_at_the_edges() {
-        for offset in [0, 9, 10, u64::MAX] {
-            let mut fast = Vec::new();
-            put_offset_reply(&mut fast, offset);
-            assert_eq!(&fast[4..], format!("OK {offset}").as_bytes());
-        }
     }
 }

@@ -26,6 +26,12 @@ pub trait DiskFile: Send + Sync + 'static {
     fn sync_data(&self) -> io::Result<()>;
     /// Truncates or extends (with zeros) the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `from..to` part of the file with its space reserved, reading as zeros (`from` is
+    /// at or past the last byte written), so that later writes there need no new space. This
+    /// default writes the zeros; a backend may reserve the space without writing anything.
+    fn allocate(&self, from: u64, to: u64) -> io::Result<()> {
+        write_zeros(self, from, to)
+    }
     /// Calls `f` with the bytes `pos..pos + len` (an error if they are not all in the file).
     /// Backends that can lend the bytes without a copy (an mmap) do so.
     fn read_with<R>(&self, pos: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
@@ -43,6 +49,19 @@ pub trait DiskFile: Send + Sync + 'static {
     }
     /// A hint that nobody will read this file soon: a backend may drop cached mappings.
     fn release_cache(&self) {}
+}
+
+static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
+/// Writes zeros over `from..to` of a file.
+pub fn write_zeros<F: DiskFile + ?Sized>(file: &F, from: u64, to: u64) -> io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(ZEROS.len());
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// One write of a group commit: `data` at `pos` in `file`.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use walrus_core::disk::{clone_io_error, Disk, DiskFile, WriteOp};
+use walrus_core::disk::{clone_io_error, write_zeros, Disk, DiskFile, WriteOp};
 use walrus_core::limits::{
     BATCH_BYTES_MAX, BATCH_ENTRIES_MAX, ENTRY_PAYLOAD_MAX, INDEX_INTERVAL_BYTES,
 };
@@ -55,8 +55,6 @@ const JOURNAL_FILE: &str = "journal.wal";
 const JOURNAL_INITIAL_BYTES: u64 = 64 << 10;
 /// Journal size that triggers a checkpoint.
 const JOURNAL_BYTES_MAX: u64 = 64 << 20;
-
-static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 
 /// Settings of one engine instance. Nothing here is process-global.
 #[derive(Debug, Clone)]
@@ -168,6 +166,28 @@ struct Request<D: Disk> {
     end_offset: u64,
     done: oneshot::Sender<io::Result<()>>,
 }
+
+/// Why a positioned append ([`crate::Walrus::batch_append_begin_at`]) was refused: the topic's
+/// next offset is not the one asked for. The error's inner value (`io::Error::get_ref`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotAtOffset {
+    /// The offset the batch was to start at.
+    pub wanted: u64,
+    /// The offset it would have started at.
+    pub next: u64,
+}
+
+impl std::fmt::Display for NotAtOffset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "append refused: it was to start at offset {}, the next offset is {}",
+            self.wanted, self.next
+        )
+    }
+}
+
+impl std::error::Error for NotAtOffset {}
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -391,6 +411,17 @@ impl<D: Disk> Engine<D> {
         topic: &str,
         payloads: &[&[u8]],
     ) -> io::Result<PendingAppend<'_, D>> {
+        self.append_begin_at(topic, None, payloads)
+    }
+
+    /// [`Engine::append_begin`], refused with [`NotAtOffset`] (nothing written) unless the
+    /// batch would start at offset `first`, when given.
+    pub fn append_begin_at(
+        &self,
+        topic: &str,
+        first: Option<u64>,
+        payloads: &[&[u8]],
+    ) -> io::Result<PendingAppend<'_, D>> {
         if payloads.is_empty() {
             return Err(invalid("a batch needs at least one entry".into()));
         }
@@ -419,6 +450,12 @@ impl<D: Disk> Engine<D> {
         let mut st = lock(&topic.write);
         if topic.poisoned_through.load(Ordering::Acquire) >= st.generation {
             self.rewind(&topic, &mut st)?;
+        }
+        if let Some(want) = first.filter(|&f| f != st.next_offset) {
+            return Err(io::Error::other(NotAtOffset {
+                wanted: want,
+                next: st.next_offset,
+            }));
         }
         self.make_room(&topic, &mut st, total as u64)?;
 
@@ -581,7 +618,7 @@ impl<D: Disk> Engine<D> {
                 .max(SEGMENT_INITIAL_BYTES)
                 .min(self.cfg.segment_bytes);
             let new_len = (st.pos + need).max(want).next_multiple_of(4096);
-            write_zeros(&*st.active.file, st.file_len, new_len)?;
+            st.active.file.allocate(st.file_len, new_len)?;
             if matches!(self.cfg.fsync, FsyncSchedule::SyncEach) {
                 // Make the room durable now (once per doubling), so that replaying the journal
                 // after a crash never needs free space.
@@ -661,7 +698,7 @@ impl<D: Disk> Engine<D> {
         let path = dir.join(segment_file_name(base));
         let file = self.disk.open(&path, true)?;
         file.set_len(0)?;
-        write_zeros(&*file, 0, SEGMENT_INITIAL_BYTES)?;
+        file.allocate(0, SEGMENT_INITIAL_BYTES)?;
         file.write_all_at(&encode_segment_header(base), 0)?;
         // Even under `NoFsync`: a segment whose header or directory entry could vanish would
         // leave a gap in the chain. It costs two syncs per segment, not per append.
@@ -996,6 +1033,12 @@ impl<D: Disk> Engine<D> {
         names
     }
 
+    /// The offset the next append to `name` gets: past every entry appended, including those
+    /// still in their group commit (0 for an unknown topic).
+    pub fn next_offset(&self, name: &str) -> u64 {
+        self.topic(name).map_or(0, |t| lock(&t.write).next_offset)
+    }
+
     /// `(first retained offset, end offset)` of a topic.
     pub fn bounds(&self, name: &str) -> Option<(u64, u64)> {
         let t = self.topic(name)?;
@@ -1300,17 +1343,6 @@ fn rewrite_range<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
         let n = ((to - at) as usize).min(READ_CHUNK_BYTES);
         let bytes = file.read_with(at, n, |b| b.to_vec())?;
         file.write_all_at(&bytes, at)?;
-        at += n as u64;
-    }
-    Ok(())
-}
-
-/// Writes zeros over `from..to` of a file.
-fn write_zeros<F: DiskFile>(file: &F, from: u64, to: u64) -> io::Result<()> {
-    let mut at = from;
-    while at < to {
-        let n = ((to - at) as usize).min(ZEROS.len());
-        file.write_all_at(&ZEROS[..n], at)?;
         at += n as u64;
     }
     Ok(())

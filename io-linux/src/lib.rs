@@ -52,7 +52,7 @@ mod engine;
 mod walrus;
 
 pub use crate::disk::{Backend, LinuxDisk, LinuxFile};
-pub use crate::engine::PendingAppend;
+pub use crate::engine::{NotAtOffset, PendingAppend};
 pub use crate::walrus::{Walrus, WalrusBuilder};
 pub use walrus_core::disk::{Disk, DiskFile};
 

@@ -262,6 +262,25 @@ impl<D: Disk> Walrus<D> {
         self.engine.append_begin(topic, batch)
     }
 
+    /// [`Walrus::batch_append_begin`] at a known place: refused, with nothing written, unless
+    /// the batch would start at offset `first`. The error then holds a
+    /// [`crate::NotAtOffset`] (see [`std::io::Error::get_ref`]) with the actual next offset.
+    /// Appenders that decide positions themselves (a replica copying its leader) use it.
+    pub fn batch_append_begin_at(
+        &self,
+        topic: &str,
+        first: u64,
+        batch: &[&[u8]],
+    ) -> io::Result<crate::engine::PendingAppend<'_, D>> {
+        self.engine.append_begin_at(topic, Some(first), batch)
+    }
+
+    /// The offset the next append to `topic` gets, counting appends still in their group
+    /// commit (which [`Walrus::entry_count`] does not).
+    pub fn next_offset(&self, topic: &str) -> u64 {
+        self.engine.next_offset(topic)
+    }
+
     /// Reads the entry at the topic's cursor. With `checkpoint` the cursor moves past it
     /// (persisted per the read consistency); without, this is a peek.
     pub fn read_next(&self, topic: &str, checkpoint: bool) -> io::Result<Option<Entry>> {

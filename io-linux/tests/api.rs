@@ -106,6 +106,39 @@ fn a_begun_append_can_be_awaited_from_another_thread_than_the_commit() {
 }
 
 #[test]
+fn a_positioned_append_lands_only_at_the_next_offset_counting_pending_ones() {
+    for fsync in [FsyncSchedule::SyncEach, FsyncSchedule::NoFsync] {
+        let tmp = tempfile::tempdir().unwrap();
+        let wal = open(tmp.path(), ReadConsistency::StrictlyAtOnce, fsync);
+        assert_eq!(wal.next_offset("t"), 0);
+        let a = wal.batch_append_begin_at("t", 0, &[b"a1", b"a2"]).unwrap();
+        // Still in its group commit (under SyncEach), yet counted.
+        assert_eq!(wal.next_offset("t"), 2);
+        for wrong in [0, 1, 3, u64::MAX] {
+            let Err(e) = wal.batch_append_begin_at("t", wrong, &[b"x"]) else {
+                panic!("an append at {wrong} was taken");
+            };
+            let why = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<walrus::NotAtOffset>())
+                .copied();
+            assert_eq!(
+                why,
+                Some(walrus::NotAtOffset {
+                    wanted: wrong,
+                    next: 2
+                }),
+                "{e}"
+            );
+        }
+        let b = wal.batch_append_begin_at("t", 2, &[b"b1"]).unwrap();
+        assert_eq!((a.wait().unwrap(), b.wait().unwrap()), (0, 2));
+        let all = first_entries(&wal, "t", 10);
+        assert_eq!(all, [&b"a1"[..], b"a2", b"b1"].map(|b| b.to_vec()));
+    }
+}
+
+#[test]
 fn invalid_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let wal = open(

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use openraft::{BasicNode, ChangeMembers};
 use serde_json::json;
 use walrus::{FsyncSchedule, ReadConsistency, Walrus};
@@ -118,8 +119,12 @@ pub struct Node {
     sm: StateMachine,
     data: Arc<Walrus<NodeDisk>>,
     peers: Peers,
-    /// Per segment led here: the gate appends pass (shared) and a seal closes (exclusive).
+    /// Per segment: the gate appends pass (shared) and a seal, fence or repair closes
+    /// (exclusive).
     gates: Mutex<HashMap<SegmentId, Arc<tokio::sync::RwLock<bool>>>>,
+    /// Wakes `Replicate`s waiting for an earlier one (pipelined on another connection) to take
+    /// its positions.
+    tail_moved: tokio::sync::Notify,
     counters: Counters,
     started: Instant,
     /// Leases this node holds, per segment it leads.
@@ -204,6 +209,44 @@ impl Drop for Staging<'_> {
     fn drop(&mut self) {
         if let Some(position) = self.position {
             self.replication.unstage(self.seg, position);
+        }
+    }
+}
+
+/// How long a `Replicate` waits for an earlier one (still on its way over another connection)
+/// to take the positions before its own.
+const GAP_WAIT: Duration = Duration::from_millis(100);
+
+/// A pipelined PUT run's place in its connection's order. Runs of one connection proceed
+/// concurrently, but each starts only once the run before it has its offsets (or has finished):
+/// offsets follow request order. Dropping a turn lets the next run go.
+#[derive(Default)]
+pub struct Turn {
+    after: Option<tokio::sync::oneshot::Receiver<()>>,
+    begun: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Turn {
+    /// The turn after the one whose signal `last` holds (none: first in line); `last` becomes
+    /// this turn's signal.
+    pub fn next(last: &mut Option<tokio::sync::oneshot::Receiver<()>>) -> Turn {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        Turn {
+            after: last.replace(rx),
+            begun: Some(tx),
+        }
+    }
+
+    async fn wait(&mut self) {
+        if let Some(before) = self.after.take() {
+            // An error means the run before was dropped: it is done either way.
+            let _ = before.await;
+        }
+    }
+
+    fn begun(&mut self) {
+        if let Some(tx) = self.begun.take() {
+            let _ = tx.send(());
         }
     }
 }
@@ -339,6 +382,9 @@ type ReplicaLengths = Arc<Replication>;
 const QUORUM_PROBE_WAIT: Duration = Duration::from_millis(200);
 /// Entries a catch-up round sends at most.
 const CATCH_UP_ENTRIES_MAX: u64 = 1_000;
+/// Most `Replicate` rounds of one push in flight at once (each on its own connection): the
+/// replica's group commit for one overlaps the transfer of the next.
+const PUSH_WINDOW: usize = 2;
 /// Bytes a catch-up round sends at most.
 const CATCH_UP_BYTES_MAX: usize = 8 << 20;
 
@@ -384,6 +430,7 @@ impl Node {
             data: Arc::new(data),
             peers: Peers::default(),
             gates: Mutex::new(HashMap::new()),
+            tail_moved: tokio::sync::Notify::new(),
             counters: Counters::default(),
             started: Instant::now(),
             leases: Mutex::new(HashMap::new()),
@@ -589,6 +636,22 @@ impl Node {
         level: Durability,
         forwarded: bool,
     ) -> Result<u64, Failure> {
+        self.put_batch_in_turn(topic, payloads, level, forwarded, Turn::default())
+            .await
+    }
+
+    /// [`Node::put_batch`] for one of several pipelined runs of a connection: it waits for
+    /// `turn`, and passes it on as soon as its entries have offsets (when this node leads the
+    /// segment) or when it is done (forwarded, or failed).
+    pub async fn put_batch_in_turn(
+        &self,
+        topic: &str,
+        payloads: &[&[u8]],
+        level: Durability,
+        forwarded: bool,
+        mut turn: Turn,
+    ) -> Result<u64, Failure> {
+        turn.wait().await;
         self.counters
             .puts
             .fetch_add(payloads.len() as u64, Ordering::Relaxed);
@@ -626,6 +689,7 @@ impl Node {
                 // own write waits for its group commit: the two fsyncs overlap.
                 let appended = self
                     .append_local(topic, &seg, payloads, |position, pending| {
+                        turn.begun();
                         if replicated {
                             if pending {
                                 self.replication.stage(seg.id, position, payloads);
@@ -790,7 +854,10 @@ impl Node {
         }
         for r in start {
             let push = Push {
-                client: self.addr_of(r).map(|a| self.peers.get(&a)),
+                clients: self
+                    .addr_of(r)
+                    .map(|a| self.peers.get_distinct(&a, PUSH_WINDOW))
+                    .unwrap_or_default(),
                 data: self.data.clone(),
                 repl: self.replication.clone(),
                 topic: topic.to_string(),
@@ -807,6 +874,10 @@ impl Node {
     /// Replica side: stores entries `position..` of a segment led elsewhere. Answers with the
     /// entries now held durably: fewer than `position` means the leader must send the gap
     /// first; entries already held are skipped.
+    ///
+    /// A leader keeps several `Replicate`s of a segment in flight (on separate connections):
+    /// each takes its positions in turn (waiting a little for an earlier one still on its way),
+    /// and their group commits overlap.
     pub async fn store_replica(
         &self,
         topic: &str,
@@ -817,10 +888,9 @@ impl Node {
         payloads: &Entries,
     ) -> Result<ReplicaHeld, Failure> {
         let seg = SegmentId(segment);
-        // One writer per segment at a time: the check and the append below are one step, and a
-        // fence (which takes the same lock) sees either all of it or none.
+        // Shared for the whole write: a fence (exclusive) sees all of it or none.
         let gate = self.gate(seg);
-        let _held = gate.write().await;
+        let _held = gate.read().await;
         // Fenced by a recovery here, or (durably, through Raft) recovered at a newer epoch.
         let recovered = self
             .with_segment(topic, seg, |s| s.epoch.0 > epoch)
@@ -828,8 +898,49 @@ impl Node {
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
         }
+        let key = segment_key(topic, seg);
         let refs: Vec<&[u8]> = payloads.iter().collect();
-        let written = self.append_at(topic, seg, position, &refs).await?;
+        let give_up = Instant::now() + GAP_WAIT;
+        let pending = loop {
+            let moved = self.tail_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            // Past every entry given a position here, those still in the group commit too.
+            let next = self.data.next_offset(&key);
+            // `position` comes off the network: compare before adding, so nothing can overflow.
+            let wait = if position > next {
+                // The entries before these are still on their way.
+                true
+            } else if refs.len() as u64 <= next - position {
+                // All given positions already: wait for those still in the group commit.
+                self.data.entry_count(&key) < position + refs.len() as u64
+            } else {
+                let fresh = &refs[(next - position) as usize..];
+                match self.data.batch_append_begin_at(&key, next, fresh) {
+                    Ok(p) => break Some(p),
+                    // Another `Replicate` took `next` meanwhile: look again.
+                    Err(e) if e.get_ref().is_some_and(|i| i.is::<walrus::NotAtOffset>()) => {
+                        tokio::task::yield_now().await;
+                        false
+                    }
+                    Err(e) => return Err(format!("replica append failed: {e}")),
+                }
+            };
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            if wait {
+                let _ = tokio::time::timeout(left, moved).await;
+            }
+        };
+        if let Some(p) = pending {
+            self.tail_moved.notify_waiters();
+            let done = p.done().await;
+            self.tail_moved.notify_waiters();
+            done.map_err(|e| format!("replica append failed: {e}"))?;
+        }
+        let written = self.data.entry_count(&key);
         let durable = if self.store_fsyncs() {
             written
         } else if sync {
@@ -2265,7 +2376,8 @@ pub fn segment_key(topic: &str, segment: SegmentId) -> String {
 /// sending the entries it lacks from this node's store, round after round, until it has them
 /// all or cannot be reached.
 struct Push {
-    client: Option<Arc<RpcClient>>,
+    /// Connections to the replica, used in turn by the rounds in flight.
+    clients: Vec<Arc<RpcClient>>,
     data: Arc<Walrus<NodeDisk>>,
     repl: ReplicaLengths,
     topic: String,
@@ -2288,79 +2400,31 @@ impl Push {
     }
 
     async fn rounds(&self) -> Result<(), String> {
-        let client = self.client.as_ref().ok_or("no address for the replica")?;
-        let key = segment_key(&self.topic, self.segment);
+        if self.clients.is_empty() {
+            return Err("no address for the replica".into());
+        }
+        // Rounds in flight, oldest first, each with the position after its entries.
+        let mut calls = FuturesOrdered::new();
+        // Where the next round starts: after the entries in flight, else at the replica's
+        // length.
+        let mut sent: Option<u64> = None;
+        let mut turn = 0usize;
         loop {
-            let (from, target, sync) = {
-                let mut st = lock(&self.repl.state);
-                let target = st.wanted.get(&self.segment).copied().unwrap_or(0);
-                let target_durable = st.wanted_durable.get(&self.segment).copied().unwrap_or(0);
-                let held = st.length(self.segment, self.replica);
-                let durable = st.durable(self.segment, self.replica);
-                if held >= target && durable >= target_durable {
-                    // Done; leaving `pushing` under the same lock lets the next writer start a
-                    // new push.
-                    st.pushing.remove(&(self.segment, self.replica));
-                    return Ok(());
-                }
-                (held, target, durable < target_durable)
-            };
-            let want = (target.saturating_sub(from)).min(CATCH_UP_ENTRIES_MAX) as usize;
-            let payloads = if want == 0 {
-                // Everything is written there; this round only asks for the fsync.
-                Entries::default()
-            } else {
-                // A batch still staged (its PUT is running) is sent from there; older entries
-                // come from the store, followed by whatever is staged after them.
-                let staged = self
-                    .repl
-                    .staged_from(self.segment, from, want, CATCH_UP_BYTES_MAX);
-                if !staged.is_empty() {
-                    staged
-                } else {
-                    let p: Vec<Vec<u8>> = self
-                        .data
-                        .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
-                        .map_err(|e| format!("reading the entries to send: {e}"))?
-                        .into_iter()
-                        .map(|e| e.data)
-                        .collect();
-                    let (n, bytes) = (p.len(), p.iter().map(Vec::len).sum::<usize>());
-                    let mut entries = Entries::from_vecs(p);
-                    if n < want {
-                        // The rest may still be in this node's group commit.
-                        if let Entries::Shared(more) = self.repl.staged_from(
-                            self.segment,
-                            from + n as u64,
-                            want - n,
-                            CATCH_UP_BYTES_MAX.saturating_sub(bytes),
-                        ) {
-                            for (batch, range) in more {
-                                entries.push_shared(batch, range);
-                            }
-                        }
-                    }
-                    entries
-                }
-            };
-            if payloads.is_empty() && want > 0 {
-                // Nothing here to send (this store is shorter than the target): no round can
-                // make progress, so stop instead of spinning.
-                return Err(format!("no entries at position {from} to send"));
+            while calls.len() < PUSH_WINDOW {
+                let Some(req) = self.next_round(calls.is_empty(), &mut sent)? else {
+                    break;
+                };
+                let client = self.clients[turn % self.clients.len()].clone();
+                turn += 1;
+                let end = sent.unwrap_or(0);
+                let timeout = self.timeout;
+                calls.push_back(async move { (client.call(&req, timeout).await, end) });
             }
-            self.repl.pushes.fetch_add(1, Ordering::Relaxed);
-            self.repl
-                .entries_sent
-                .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-            let req = RpcRequest::Replicate {
-                topic: self.topic.clone(),
-                segment: self.segment.0,
-                epoch: self.epoch.0,
-                sync,
-                position: from,
-                payloads,
+            let Some((answer, end)) = calls.next().await else {
+                // `next_round` left `pushing` (done) or returned an error.
+                return Ok(());
             };
-            let held = match client.call(&req, self.timeout).await {
+            let held = match answer {
                 Ok(RpcResponse::Replicate(Ok(n))) => n,
                 Ok(RpcResponse::Replicate(Err(e))) if e == FENCED => {
                     // A failover fenced this epoch: stop writing and stop renewing the lease.
@@ -2373,6 +2437,11 @@ impl Push {
                 Ok(_) => return Err("mismatched rpc response".into()),
                 Err(e) => return Err(e.to_string()),
             };
+            if held.written < end {
+                // The replica did not take all of it (a gap, or it lost data): the rounds
+                // still in flight count as they answer, new ones start from its length.
+                sent = None;
+            }
             // The latest answer, even if lower (a replica that lost data must not count).
             let mut st = lock(&self.repl.state);
             let known = st.durable(self.segment, self.replica);
@@ -2393,6 +2462,92 @@ impl Push {
             drop(st);
             self.repl.changed.notify_waiters();
         }
+    }
+
+    /// The next round to send, if any: entries from `sent` (or the replica's length) up to the
+    /// length wanted, or (with nothing in flight) only a request to fsync. With nothing in
+    /// flight and nothing to do, leaves `pushing` and returns `None`.
+    fn next_round(&self, idle: bool, sent: &mut Option<u64>) -> Result<Option<RpcRequest>, String> {
+        let (from, target, sync) = {
+            let mut st = lock(&self.repl.state);
+            let target = st.wanted.get(&self.segment).copied().unwrap_or(0);
+            let target_durable = st.wanted_durable.get(&self.segment).copied().unwrap_or(0);
+            let held = st.length(self.segment, self.replica);
+            let durable = st.durable(self.segment, self.replica);
+            if idle && held >= target && durable >= target_durable {
+                // Done; leaving `pushing` under the same lock lets the next writer start a
+                // new push.
+                st.pushing.remove(&(self.segment, self.replica));
+                return Ok(None);
+            }
+            let from = if idle { held } else { sent.unwrap_or(held) };
+            (from, target, durable < target_durable)
+        };
+        let want = (target.saturating_sub(from)).min(CATCH_UP_ENTRIES_MAX) as usize;
+        if want == 0 && !(idle && sync) {
+            // Everything is on its way; the answers will tell.
+            return Ok(None);
+        }
+        let key = segment_key(&self.topic, self.segment);
+        let payloads = if want == 0 {
+            // Everything is written there; this round only asks for the fsync.
+            Entries::default()
+        } else {
+            // A batch still staged (its PUT is running) is sent from there; older entries
+            // come from the store, followed by whatever is staged after them.
+            let staged = self
+                .repl
+                .staged_from(self.segment, from, want, CATCH_UP_BYTES_MAX);
+            if !staged.is_empty() {
+                staged
+            } else {
+                let p: Vec<Vec<u8>> = self
+                    .data
+                    .read_from(&key, from, want, CATCH_UP_BYTES_MAX)
+                    .map_err(|e| format!("reading the entries to send: {e}"))?
+                    .into_iter()
+                    .map(|e| e.data)
+                    .collect();
+                let (n, bytes) = (p.len(), p.iter().map(Vec::len).sum::<usize>());
+                let mut entries = Entries::from_vecs(p);
+                if n < want {
+                    // The rest may still be in this node's group commit.
+                    if let Entries::Shared(more) = self.repl.staged_from(
+                        self.segment,
+                        from + n as u64,
+                        want - n,
+                        CATCH_UP_BYTES_MAX.saturating_sub(bytes),
+                    ) {
+                        for (batch, range) in more {
+                            entries.push_shared(batch, range);
+                        }
+                    }
+                }
+                entries
+            }
+        };
+        if payloads.is_empty() && want > 0 {
+            if !idle {
+                // Not here yet (still being staged): the next answer brings another look.
+                return Ok(None);
+            }
+            // Nothing here to send (this store is shorter than the target): no round can
+            // make progress, so stop instead of spinning.
+            return Err(format!("no entries at position {from} to send"));
+        }
+        self.repl.pushes.fetch_add(1, Ordering::Relaxed);
+        self.repl
+            .entries_sent
+            .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+        *sent = Some(from + payloads.len() as u64);
+        Ok(Some(RpcRequest::Replicate {
+            topic: self.topic.clone(),
+            segment: self.segment.0,
+            epoch: self.epoch.0,
+            sync,
+            position: from,
+            payloads,
+        }))
     }
 }
 

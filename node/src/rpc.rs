@@ -532,6 +532,12 @@ struct PeerPool {
 impl Peers {
     /// A client for `addr` (one of a small pool, in turn), created on first use.
     pub fn get(&self, addr: &str) -> Arc<RpcClient> {
+        let mut one = self.get_distinct(addr, 1);
+        one.swap_remove(0)
+    }
+
+    /// `n` different clients for `addr` (at most the pool's size), the next ones in turn.
+    pub fn get_distinct(&self, addr: &str, n: usize) -> Vec<Arc<RpcClient>> {
         let pool = {
             let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(addr.to_string())
@@ -545,8 +551,11 @@ impl Peers {
                 })
                 .clone()
         };
-        let i = pool.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.clients.len();
-        pool.clients[i].clone()
+        let n = n.clamp(1, pool.clients.len());
+        let first = pool.next.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        (first..first + n)
+            .map(|i| pool.clients[i % pool.clients.len()].clone())
+            .collect()
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -12,7 +13,7 @@ use walrus_core::wire::{
     encode_reply, parse_command, put_frame, put_offset_reply, take_frame, Command, Reply,
 };
 
-use crate::node::Node;
+use crate::node::{Node, Turn};
 use crate::rpc::{read_msg, write_msg, RpcRequest, RpcResponse};
 
 /// Most client connections served at once; more wait in the accept queue.
@@ -55,109 +56,165 @@ async fn client_connection(
     stream.set_nodelay(true)?;
     let mut buf: Vec<u8> = Vec::with_capacity(8 << 10);
     let mut chunk = vec![0u8; 64 << 10];
+    // PUT runs started and not yet answered, oldest first, with their request counts. They run
+    // concurrently (one run's group commit and replication overlap the next one's), each taking
+    // its offsets after the run before it (`Turn`); replies go out in request order.
+    let mut runs = FuturesOrdered::new();
+    let mut in_flight = 0usize;
+    let mut last_turn = None;
+    let mut eof = false;
     loop {
-        // Take every whole frame already buffered (a pipelining client sends many at once).
-        let mut bodies: Vec<&[u8]> = Vec::new();
+        // Start a run for every stretch of buffered PUTs to one topic, while there is room.
         let mut used = 0usize;
-        let mut broken: Option<String> = None;
-        while bodies.len() < PIPELINE_REQUESTS_MAX {
-            match take_frame(&buf[used..], frame_max) {
-                Ok(Some((body, n))) => {
-                    bodies.push(body);
-                    used += n;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    broken = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        let mut out = Vec::new();
-        handle_all(node, &bodies, &mut out).await;
-        if let Some(reason) = broken {
-            // The stream can no longer be trusted as frames: say why and hang up.
-            put_frame(&mut out, &encode_reply(&Reply::Err(reason)));
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            return Ok(());
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            // A no-op on a kernel socket; the simulator's streams send on flush.
-            stream.flush().await?;
+        let mut next = Next::More;
+        while in_flight < PIPELINE_REQUESTS_MAX {
+            let room =
+                (PIPELINE_REQUESTS_MAX - in_flight).min(walrus_core::limits::BATCH_ENTRIES_MAX);
+            next = put_run_at(&buf[used..], frame_max, room);
+            let Next::Run { bytes, count } = next else {
+                break;
+            };
+            let raw = buf[used..used + bytes].to_vec();
+            used += bytes;
+            in_flight += count;
+            runs.push_back(put_run(node, raw, count, Turn::next(&mut last_turn)));
         }
         buf.drain(..used);
-        if bodies_were_capped(used, &buf) {
-            continue;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// Whether whole frames are still buffered (the previous round stopped at the pipeline cap).
-fn bodies_were_capped(used: usize, rest: &[u8]) -> bool {
-    used > 0 && matches!(take_frame(rest, usize::MAX), Ok(Some(_)))
-}
-
-/// Answers pipelined requests in order, as reply frames appended to `out`. Consecutive `PUT`s
-/// to one topic become one atomic batch append (one group commit, offsets in request order);
-/// everything else runs one by one.
-async fn handle_all(node: &Node, bodies: &[&[u8]], out: &mut Vec<u8>) {
-    let reply = |out: &mut Vec<u8>, r: &Reply| {
-        if matches!(r, Reply::Err(_)) {
-            node.count_error();
-        }
-        put_frame(out, &encode_reply(r));
-    };
-    let mut i = 0;
-    while i < bodies.len() {
-        if let Ok(Command::Put(topic, _)) = parse_command(bodies[i]) {
-            let mut payloads: Vec<&[u8]> = Vec::new();
-            let mut j = i;
-            while j < bodies.len() && payloads.len() < walrus_core::limits::BATCH_ENTRIES_MAX {
-                match parse_command(bodies[j]) {
-                    Ok(Command::Put(t, p)) if t == topic => payloads.push(p),
-                    _ => break,
+        match next {
+            Next::Other | Next::Broken(_) => {
+                // Anything but a PUT runs alone, after everything before it is answered.
+                while let Some((out, count)) = runs.next().await {
+                    write_out(&mut stream, &out).await?;
+                    in_flight -= count;
                 }
-                j += 1;
-            }
-            if payloads.len() > 1 {
-                let timeout = node.config().request_timeout;
-                let level = node.config().durability;
-                let result = match tokio::time::timeout(
-                    timeout,
-                    node.put_batch(topic, &payloads, level, false),
-                )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
-                };
-                match &result {
-                    Ok(first) => {
-                        for k in 0..payloads.len() as u64 {
-                            put_offset_reply(out, first + k);
-                        }
-                    }
-                    Err(e) => {
-                        let err = Reply::Err(e.clone());
-                        for _ in 0..payloads.len() {
-                            reply(out, &err);
-                        }
-                    }
+                let mut out = Vec::new();
+                if let Next::Broken(reason) = next {
+                    // The stream can no longer be trusted as frames: say why and hang up.
+                    put_frame(&mut out, &encode_reply(&Reply::Err(reason)));
+                    write_out(&mut stream, &out).await?;
+                    return Ok(());
                 }
-                i = j;
+                // `put_run_at` saw a whole frame here.
+                if let Ok(Some((body, n))) = take_frame(&buf, frame_max) {
+                    let reply = handle(node, body).await;
+                    if matches!(reply, Reply::Err(_)) {
+                        node.count_error();
+                    }
+                    put_frame(&mut out, &encode_reply(&reply));
+                    write_out(&mut stream, &out).await?;
+                    buf.drain(..n);
+                }
                 continue;
             }
+            Next::Run { .. } | Next::More => {}
         }
-        reply(out, &handle(node, bodies[i]).await);
-        i += 1;
+        if eof && runs.is_empty() {
+            return Ok(());
+        }
+        let reading = !eof && in_flight < PIPELINE_REQUESTS_MAX;
+        tokio::select! {
+            Some((out, count)) = runs.next(), if !runs.is_empty() => {
+                write_out(&mut stream, &out).await?;
+                in_flight -= count;
+            }
+            n = stream.read(&mut chunk), if reading => {
+                let n = n?;
+                if n == 0 {
+                    eof = true;
+                } else {
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
     }
+}
+
+async fn write_out(stream: &mut TcpStream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    // A no-op on a kernel socket; the simulator's streams send on flush.
+    stream.flush().await
+}
+
+/// What the buffered bytes start with.
+enum Next {
+    /// `count` PUTs to one topic (at most `room`, at least one), in the first `bytes` bytes.
+    Run { bytes: usize, count: usize },
+    /// A whole frame of another command (or a malformed one, which `handle` answers).
+    Other,
+    /// Not a whole frame yet.
+    More,
+    /// A frame over the limit: the stream is out of step.
+    Broken(String),
+}
+
+fn put_run_at(buf: &[u8], frame_max: usize, room: usize) -> Next {
+    let mut topic = None;
+    let (mut bytes, mut count) = (0, 0);
+    while count < room {
+        match take_frame(&buf[bytes..], frame_max) {
+            Ok(Some((body, n))) => match parse_command(body) {
+                Ok(Command::Put(t, _)) if topic.is_none_or(|first| first == t) => {
+                    topic = Some(t);
+                    bytes += n;
+                    count += 1;
+                }
+                _ => break,
+            },
+            Ok(None) => break,
+            Err(e) if count == 0 => return Next::Broken(e.to_string()),
+            Err(_) => break,
+        }
+    }
+    if count > 0 {
+        Next::Run { bytes, count }
+    } else if matches!(take_frame(buf, frame_max), Ok(Some(_))) {
+        Next::Other
+    } else {
+        Next::More
+    }
+}
+
+/// Appends a run of `count` PUTs to one topic (their frames, `raw`) as one atomic batch (one
+/// group commit, offsets in request order) and returns their reply frames.
+async fn put_run(node: &Node, raw: Vec<u8>, count: usize, turn: Turn) -> (Vec<u8>, usize) {
+    let mut topic = "";
+    let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
+    let mut at = 0;
+    // `put_run_at` checked these frames already.
+    while let Ok(Some((body, n))) = take_frame(&raw[at..], usize::MAX) {
+        if let Ok(Command::Put(t, p)) = parse_command(body) {
+            topic = t;
+            payloads.push(p);
+        }
+        at += n;
+    }
+    let timeout = node.config().request_timeout;
+    let level = node.config().durability;
+    let result = match tokio::time::timeout(
+        timeout,
+        node.put_batch_in_turn(topic, &payloads, level, false, turn),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+    };
+    let mut out = Vec::with_capacity(count * 16);
+    match result {
+        Ok(first) => {
+            for k in 0..count as u64 {
+                put_offset_reply(&mut out, first + k);
+            }
+        }
+        Err(e) => {
+            let frame = encode_reply(&Reply::Err(e));
+            for _ in 0..count {
+                node.count_error();
+                put_frame(&mut out, &frame);
+            }
+        }
+    }
+    (out, count)
 }
 
 async fn handle(node: &Node, body: &[u8]) -> Reply {

@@ -471,3 +471,75 @@ fn replication_quorum_writes_survive_one_follower_down_and_refuse_with_two_down(
     }
     assert_eq!(got, acked);
 }
+
+#[test]
+fn pipelined_puts_get_offsets_in_request_order_across_rollovers_and_other_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Segments of 40 entries: the pipeline crosses several seals and leader moves.
+    let nodes = cluster(tmp.path(), &[("WALRUS_MAX_SEGMENT_ENTRIES", "40")]);
+    let mut c = nodes[0].client();
+    ok(eventually(&mut c, b"PUT pipe warm"));
+    ok(eventually(&mut c, b"PUT other warm"));
+    // One connection, every request sent before any reply is read, in bursts so that the node
+    // starts several runs while earlier ones are still being replicated.
+    let mut s = TcpStream::connect(nodes[0].addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut expect = Vec::new();
+    for burst in 0..10 {
+        let mut out = Vec::new();
+        for i in 0..30 {
+            let n = burst * 30 + i;
+            put_frame(&mut out, format!("PUT pipe p{n}").as_bytes());
+            expect.push("pipe");
+            if n % 37 == 0 {
+                put_frame(&mut out, b"PUT other o");
+                expect.push("other");
+            }
+            if n % 101 == 0 {
+                put_frame(&mut out, b"STATE pipe");
+                expect.push("state");
+            }
+        }
+        s.write_all(&out).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut buf = Vec::new();
+    let mut replies = Vec::new();
+    let mut chunk = [0u8; 64 << 10];
+    while replies.len() < expect.len() {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed after {} replies", replies.len());
+        buf.extend_from_slice(&chunk[..n]);
+        let mut used = 0;
+        while let Some((body, len)) = walrus_core::wire::take_frame(&buf[used..], 1 << 20).unwrap()
+        {
+            replies.push(walrus_core::wire::parse_reply(body));
+            used += len;
+        }
+        buf.drain(..used);
+    }
+    let mut offsets = Vec::new();
+    let mut acked = Vec::new();
+    for (n, (kind, r)) in expect.iter().zip(&replies).enumerate() {
+        match (*kind, r) {
+            ("pipe", Reply::Ok(Some(o))) => {
+                offsets.push(String::from_utf8_lossy(o).parse::<u64>().unwrap());
+                acked.push(n);
+            }
+            ("state", Reply::Ok(Some(j))) => {
+                assert!(String::from_utf8_lossy(j).contains("\"segments\""))
+            }
+            ("other", Reply::Ok(Some(_))) => {}
+            (_, Reply::Err(e)) => panic!("request {n} ({kind}) failed: {e}"),
+            (kind, r) => panic!("request {n} ({kind}): unexpected reply {r:?}"),
+        }
+    }
+    // Every PUT acknowledged, at increasing offsets, and read back in request order.
+    assert_eq!(offsets.len(), 300);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    let got = drain(&mut c, "pipe", 400);
+    let want: Vec<Vec<u8>> = std::iter::once(b"warm".to_vec())
+        .chain((0..300).map(|n| format!("p{n}").into_bytes()))
+        .collect();
+    assert_eq!(got, want);
+}

@@ -421,6 +421,7 @@ impl Node {
             .reclaim_consumed(false)
             .inline_commit(crate::INLINE_COMMIT)
             .build_on(disk)?;
+        let fences = load_fences(&data)?;
         let lease_cfg = LeaseConfig::for_lease(cfg.lease_ms);
         let boot_index = raft.metrics().borrow().last_log_index.filter(|&i| i > 0);
         Ok(Node {
@@ -437,7 +438,7 @@ impl Node {
             grants: Mutex::default(),
             lease_cfg,
             replication: Arc::default(),
-            fences: Arc::default(),
+            fences: Arc::new(Mutex::new(fences)),
             repairing: Mutex::default(),
             complete: Mutex::default(),
             moving: Mutex::default(),
@@ -901,6 +902,7 @@ impl Node {
         let key = segment_key(topic, seg);
         let refs: Vec<&[u8]> = payloads.iter().collect();
         let give_up = Instant::now() + GAP_WAIT;
+        let mut raced = 0;
         let pending = loop {
             let moved = self.tail_moved.notified();
             tokio::pin!(moved);
@@ -908,31 +910,37 @@ impl Node {
             // Past every entry given a position here, those still in the group commit too.
             let next = self.data.next_offset(&key);
             // `position` comes off the network: compare before adding, so nothing can overflow.
-            let wait = if position > next {
-                // The entries before these are still on their way.
-                true
-            } else if refs.len() as u64 <= next - position {
-                // All given positions already: wait for those still in the group commit.
-                self.data.entry_count(&key) < position + refs.len() as u64
-            } else {
-                let fresh = &refs[(next - position) as usize..];
-                match self.data.batch_append_begin_at(&key, next, fresh) {
-                    Ok(p) => break Some(p),
-                    // Another `Replicate` took `next` meanwhile: look again.
-                    Err(e) if e.get_ref().is_some_and(|i| i.is::<walrus::NotAtOffset>()) => {
-                        tokio::task::yield_now().await;
-                        false
+            if position <= next {
+                let end = position + refs.len() as u64;
+                if end <= next {
+                    // All given positions already; done once those still in the group
+                    // commit are.
+                    if self.data.entry_count(&key) >= end {
+                        break None;
                     }
-                    Err(e) => return Err(format!("replica append failed: {e}")),
+                } else {
+                    let fresh = &refs[(next - position) as usize..];
+                    match self.data.batch_append_begin_at(&key, next, fresh) {
+                        Ok(p) => break Some(p),
+                        // The store moved after `next_offset` (it rewound after a failed
+                        // write): look again.
+                        Err(e)
+                            if raced < 2
+                                && e.get_ref().is_some_and(|i| i.is::<walrus::NotAtOffset>()) =>
+                        {
+                            raced += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(format!("replica append failed: {e}")),
+                    }
                 }
-            };
+            }
+            // Wait for an earlier `Replicate` (still on its way, or in the group commit).
             let left = give_up.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break None;
             }
-            if wait {
-                let _ = tokio::time::timeout(left, moved).await;
-            }
+            let _ = tokio::time::timeout(left, moved).await;
         };
         if let Some(p) = pending {
             self.tail_moved.notify_waiters();
@@ -1022,17 +1030,40 @@ impl Node {
     /// Replica side of a recovery's fence: from now on refuse writes to `segment` of epochs
     /// below `epoch` (as leader or replica), and answer with the entries held durably. The
     /// count is taken under the segment's gate, so no write of the old epoch lands after it.
-    pub async fn fence(&self, topic: &str, segment: u64, epoch: u64) -> u64 {
+    ///
+    /// The fence is durable before the answer: the recovery's seal may commit long after
+    /// (its Raft entry can wait out a partition), and a replica that restarted in between and
+    /// forgot the fence would let the old leader, leased again by another metadata leader
+    /// that knew nothing of the recovery, reach a quorum past that seal. (Found by the Tier B
+    /// simulation, seed 82.)
+    pub async fn fence(&self, topic: &str, segment: u64, epoch: u64) -> Result<u64, Failure> {
         let seg = SegmentId(segment);
-        {
+        let newer = {
             let mut fences = lock(&self.fences);
             let f = fences.entry(seg).or_default();
+            let newer = epoch > *f;
             *f = (*f).max(epoch);
+            newer
+        };
+        if newer {
+            let mut record = [0u8; FENCE_RECORD_LEN];
+            record[..8].copy_from_slice(&segment.to_le_bytes());
+            record[8..].copy_from_slice(&epoch.to_le_bytes());
+            let failed = |e: std::io::Error| format!("recording the fence failed: {e}");
+            self.data
+                .batch_append_begin(FENCES_KEY, &[&record])
+                .map_err(failed)?
+                .done()
+                .await
+                .map_err(failed)?;
+            if !self.store_fsyncs() {
+                self.sync_store()?;
+            }
         }
         let gate = self.gate(seg);
         let _held = gate.write().await;
         tracing::info!(topic, segment, epoch, "segment fenced for recovery");
-        self.data.entry_count(&segment_key(topic, seg))
+        Ok(self.data.entry_count(&segment_key(topic, seg)))
     }
 
     /// Replica side of a recovery's seal: answers with the entries held, and if that is short
@@ -2368,6 +2399,39 @@ impl Node {
 }
 
 /// Name of a segment's topic in the local `walrus` engine: short, valid, unique per segment.
+/// The store's topic of fences: one `FENCE_RECORD_LEN`-byte entry (segment, epoch; little
+/// endian) per fence taken. Segment keys look like `s<id>-<crc>`, so the name is free.
+const FENCES_KEY: &str = "fences";
+const FENCE_RECORD_LEN: usize = 16;
+
+/// The fences recorded in `data` (the highest epoch per segment). A malformed entry cannot
+/// come from this code; it is skipped with a warning rather than stopping the node.
+fn load_fences(data: &Walrus<NodeDisk>) -> std::io::Result<HashMap<SegmentId, u64>> {
+    let mut fences: HashMap<SegmentId, u64> = HashMap::new();
+    let (mut at, end) = (data.first_offset(FENCES_KEY), data.entry_count(FENCES_KEY));
+    while at < end {
+        let entries = data.read_from(FENCES_KEY, at, 1_000, 1 << 20)?;
+        if entries.is_empty() {
+            break;
+        }
+        at += entries.len() as u64;
+        for e in entries {
+            let (Ok(seg), Ok(epoch)) = (
+                <[u8; 8]>::try_from(e.data.get(..8).unwrap_or_default()),
+                <[u8; 8]>::try_from(e.data.get(8..).unwrap_or_default()),
+            ) else {
+                tracing::warn!(len = e.data.len(), "skipping a malformed fence record");
+                continue;
+            };
+            let f = fences
+                .entry(SegmentId(u64::from_le_bytes(seg)))
+                .or_default();
+            *f = (*f).max(u64::from_le_bytes(epoch));
+        }
+    }
+    Ok(fences)
+}
+
 pub fn segment_key(topic: &str, segment: SegmentId) -> String {
     format!("s{}-{:08x}", segment.0, crc32c::crc32c(topic.as_bytes()))
 }

@@ -345,7 +345,7 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             topic,
             segment,
             epoch,
-        } => RpcResponse::Fence(Ok(node.fence(&topic, segment, epoch).await)),
+        } => RpcResponse::Fence(node.fence(&topic, segment, epoch).await),
         RpcRequest::SealAt {
             topic,
             segment,

@@ -209,6 +209,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         1464,
         "a restarted leader appended past a seal its previous process had proposed",
     ),
+    (
+        82,
+        "a replica restarted after a fence forgot it, and the old leader reached a quorum \
+         past the seal the fence quorum had decided",
+    ),
 ];
 
 #[test]

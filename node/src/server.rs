@@ -18,8 +18,8 @@ use crate::rpc::{read_msg, write_msg, RpcRequest, RpcResponse};
 
 /// Most client connections served at once; more wait in the accept queue.
 pub const CLIENT_CONNECTIONS_MAX: usize = 1024;
-/// Most requests of one client connection answered in one round (pipelining); the bytes in
-/// flight per connection are bounded by this times the frame limit.
+/// Most requests of one client connection in flight at once (pipelining); the bytes held per
+/// connection are bounded by this times the frame limit.
 pub const PIPELINE_REQUESTS_MAX: usize = 64;
 /// Most internal RPC connections served at once.
 pub const RPC_CONNECTIONS_MAX: usize = 256;

@@ -211,6 +211,9 @@ struct Phase {
     hist: Histogram<u64>,
     /// Largest VmHWM of the node processes after the phase, in KiB.
     rss_kib: u64,
+    /// Bytes written to the data directory's block device during the phase
+    /// (`/proc/diskstats`; everything on the machine, which the nodes dominate here).
+    disk_bytes: u64,
 }
 
 impl Phase {
@@ -222,6 +225,7 @@ impl Phase {
             elapsed: Duration::ZERO,
             hist: new_hist(),
             rss_kib: 0,
+            disk_bytes: 0,
         }
     }
 
@@ -419,6 +423,68 @@ fn run_consumer(
     }
     p.elapsed = t0.elapsed();
     Ok((p, bad_size))
+}
+
+/// Bytes written so far to the block device holding `dir` (`/proc/diskstats`), if it can be
+/// found there.
+fn device_bytes_written(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    // glibc's `major`/`minor` encoding of `dev_t`.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    stats.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (ma, mi) = (
+            f.first()?.parse::<u64>().ok()?,
+            f.get(1)?.parse::<u64>().ok()?,
+        );
+        // Field 10: sectors written, in 512-byte units whatever the device's sector size.
+        (ma == major && mi == minor).then(|| f.get(9)?.parse::<u64>().ok().map(|s| s * 512))?
+    })
+}
+
+/// The disk ceilings of BENCHMARKS.md, measured in the file system of the data directory.
+struct DiskCeiling {
+    /// `fdatasync`s per second of one thread appending 4 KiB blocks to a preallocated file.
+    fsyncs: f64,
+    /// Sequential write MB/s: 1 MiB writes, one `fdatasync` at the end.
+    seq_mb_s: f64,
+}
+
+/// Size of the sequential-write ceiling's file.
+const DISK_CEILING_BYTES: usize = 256 << 20;
+
+fn disk_ceiling(dir: &Path) -> Result<DiskCeiling, String> {
+    use std::os::unix::fs::FileExt;
+    let fail = |what: &str, e: io::Error| format!("disk ceiling: {what}: {e}");
+    std::fs::create_dir_all(dir).map_err(|e| fail("create the data directory", e))?;
+    let path = dir.join("disk-ceiling.tmp");
+    let chunk = vec![0x5a_u8; 1 << 20];
+    let t = Instant::now();
+    let file = File::create(&path).map_err(|e| fail("create", e))?;
+    for _ in 0..DISK_CEILING_BYTES / chunk.len() {
+        (&file)
+            .write_all(&chunk)
+            .map_err(|e| fail("sequential write", e))?;
+    }
+    file.sync_data().map_err(|e| fail("fdatasync", e))?;
+    let seq_mb_s = DISK_CEILING_BYTES as f64 / 1e6 / t.elapsed().as_secs_f64();
+    // The file is now written through: appends over it only flush data, as the journal's do.
+    let block = [0xa5_u8; 4096];
+    let (t, mut n, mut pos) = (Instant::now(), 0u64, 0u64);
+    while t.elapsed() < Duration::from_secs(1) {
+        file.write_all_at(&block, pos)
+            .map_err(|e| fail("append", e))?;
+        file.sync_data().map_err(|e| fail("fdatasync", e))?;
+        n += 1;
+        pos = (pos + block.len() as u64) % DISK_CEILING_BYTES as u64;
+    }
+    let fsyncs = n as f64 / t.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path).map_err(|e| fail("remove", e))?;
+    Ok(DiskCeiling { fsyncs, seq_mb_s })
 }
 
 /// The ceiling: loopback round trips of a 100-byte request and reply through an echo thread.
@@ -746,6 +812,7 @@ fn size_label(s: usize) -> String {
 
 struct RepeatResult {
     ceiling: Phase,
+    disk: DiskCeiling,
     /// Indexed like `workload_names`.
     phases: Vec<Phase>,
     written: u64,
@@ -760,6 +827,8 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
     let secs = args.secs;
     eprintln!("repeat {rep}: loopback ceiling ({secs} s)");
     let ceiling = loopback_ceiling(secs)?;
+    eprintln!("repeat {rep}: disk ceilings");
+    let disk = disk_ceiling(dir)?;
     let cluster = start_cluster(bin, dir, args.nodes as usize, args.durability.as_deref())?;
     let first = cluster.nodes[0].client.clone();
     let mut c = Conn::connect(&first).map_err(|e| format!("connect {first}: {e}"))?;
@@ -815,7 +884,11 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         }
         eprintln!("repeat {rep}: P1 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
+        let before = device_bytes_written(dir);
         let mut p = run_serial(&leader_now()?, &frame, &Barrier::new(1), secs)?;
+        p.disk_bytes = device_bytes_written(dir)
+            .zip(before)
+            .map_or(0, |(after, before)| after.saturating_sub(before));
         p.rss_kib = cluster.peak_rss_kib();
         written += p.ok;
         phases.push(p);
@@ -827,7 +900,11 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
         }
         eprintln!("repeat {rep}: P2 {} ({secs} s)", size_label(size));
         let frame = put_frame_for(size);
+        let before = device_bytes_written(dir);
         let mut p = run_pipelined(&leader_now()?, &frame, args.inflight as usize, secs)?;
+        p.disk_bytes = device_bytes_written(dir)
+            .zip(before)
+            .map_or(0, |(after, before)| after.saturating_sub(before));
         p.rss_kib = cluster.peak_rss_kib();
         written += p.ok;
         phases.push(p);
@@ -849,7 +926,11 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
                 }
             })
             .collect();
+        let before = device_bytes_written(dir);
         let mut p = run_producers(&producer_addrs, &frame, secs)?;
+        p.disk_bytes = device_bytes_written(dir)
+            .zip(before)
+            .map_or(0, |(after, before)| after.saturating_sub(before));
         p.rss_kib = cluster.peak_rss_kib();
         written += p.ok;
         phases.push(p);
@@ -878,6 +959,7 @@ fn run_repeat(args: &Args, bin: &Path, dir: &Path, rep: u64) -> Result<RepeatRes
     }
     Ok(RepeatResult {
         ceiling,
+        disk,
         phases,
         written,
         bad_size,
@@ -1017,12 +1099,27 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
     );
     println!(
         "- loopback ceiling ({CEILING_BODY} B request/reply, 1 connection): {} round trips/s \
-         (min–max {}–{}), p50 {}, p99 {}\n",
+         (min–max {}–{}), p50 {}, p99 {}",
         fmt_rate(ceil_med),
         fmt_rate(clo),
         fmt_rate(chi),
         fmt_us(ceil_hist.value_at_quantile(0.5)),
         fmt_us(ceil_hist.value_at_quantile(0.99))
+    );
+    let fsyncs: Vec<f64> = results.iter().map(|r| r.disk.fsyncs).collect();
+    let seq: Vec<f64> = results.iter().map(|r| r.disk.seq_mb_s).collect();
+    let ((flo, fhi), (slo, shi)) = (min_max(&fsyncs), min_max(&seq));
+    println!(
+        "- disk ceilings (the data directory's file system, one thread, before the nodes start): \
+         {} fdatasync/s appending 4 KiB to a preallocated file (min–max {}–{}); {:.0} MB/s \
+         sequential, 1 MiB writes and one fdatasync (min–max {:.0}–{:.0}). Under SyncEach every \
+         node writes each entry twice (journal, then segment file)\n",
+        fmt_rate(median(&fsyncs)),
+        fmt_rate(flo),
+        fmt_rate(fhi),
+        median(&seq),
+        slo,
+        shi
     );
 
     println!("| workload | msgs/s median (min–max) | MB/s | p50 | p99 | errors | peak RSS (max node) | vs loopback |");
@@ -1074,6 +1171,38 @@ fn report(args: &Args, results: &[RepeatResult], data_root: &Path) {
         );
     }
     println!();
+    let amplification: Vec<String> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, name)| *i + 1 < names.len() && args.runs(&name[..2]))
+        .map(|(i, name)| {
+            let size = args.sizes[i % args.sizes.len()] as f64;
+            let per_byte: Vec<f64> = results
+                .iter()
+                .map(|r| r.phases[i].disk_bytes as f64 / (r.phases[i].ok as f64 * size).max(1.0))
+                .collect();
+            let rate: Vec<f64> = results
+                .iter()
+                .map(|r| {
+                    r.phases[i].disk_bytes as f64
+                        / 1e6
+                        / r.phases[i].elapsed.as_secs_f64().max(1e-9)
+                })
+                .collect();
+            format!(
+                "{name} {:.1} ({:.0} MB/s)",
+                median(&per_byte),
+                median(&rate)
+            )
+        })
+        .collect();
+    if !amplification.is_empty() {
+        println!(
+            "- bytes written to the data directory's disk per payload byte, and per second \
+             (medians; /proc/diskstats of its device, so all of the machine's writes): {}\n",
+            amplification.join(", ")
+        );
+    }
 
     let p4 = names.len() - 1;
     for (k, r) in results.iter().enumerate().filter(|_| args.runs("P4")) {

@@ -125,6 +125,10 @@ pub struct Node {
     /// Wakes `Replicate`s waiting for an earlier one (pipelined on another connection) to take
     /// its positions.
     tail_moved: tokio::sync::Notify,
+    /// The fences recorded durably (the highest epoch per segment), held while one is being
+    /// recorded: a second `Fence` of the same epoch (a recovery resends them) answers only once
+    /// the first has made it durable, and one whose recording failed is recorded again.
+    recorded_fences: tokio::sync::Mutex<HashMap<SegmentId, u64>>,
     counters: Counters,
     started: Instant,
     /// Leases this node holds, per segment it leads.
@@ -432,6 +436,7 @@ impl Node {
             peers: Peers::default(),
             gates: Mutex::new(HashMap::new()),
             tail_moved: tokio::sync::Notify::new(),
+            recorded_fences: tokio::sync::Mutex::new(fences.clone()),
             counters: Counters::default(),
             started: Instant::now(),
             leases: Mutex::new(HashMap::new()),
@@ -1038,14 +1043,14 @@ impl Node {
     /// simulation, seed 82.)
     pub async fn fence(&self, topic: &str, segment: u64, epoch: u64) -> Result<u64, Failure> {
         let seg = SegmentId(segment);
-        let newer = {
+        {
+            // Writes of older epochs stop at once; the record below makes it last.
             let mut fences = lock(&self.fences);
             let f = fences.entry(seg).or_default();
-            let newer = epoch > *f;
             *f = (*f).max(epoch);
-            newer
-        };
-        if newer {
+        }
+        let mut recorded = self.recorded_fences.lock().await;
+        if recorded.get(&seg).is_none_or(|&r| r < epoch) {
             let mut record = [0u8; FENCE_RECORD_LEN];
             record[..8].copy_from_slice(&segment.to_le_bytes());
             record[8..].copy_from_slice(&epoch.to_le_bytes());
@@ -1059,7 +1064,9 @@ impl Node {
             if !self.store_fsyncs() {
                 self.sync_store()?;
             }
+            recorded.insert(seg, epoch);
         }
+        drop(recorded);
         let gate = self.gate(seg);
         let _held = gate.write().await;
         tracing::info!(topic, segment, epoch, "segment fenced for recovery");

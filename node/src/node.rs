@@ -1156,8 +1156,8 @@ impl Node {
         }
     }
 
-    /// The segment's gate: `true` once closed for a seal. Appends hold it shared until their
-    /// write completes; a replica's write, a fence and a seal hold it exclusively.
+    /// The segment's gate: `true` once closed for a seal. Appends (a leader's or a replica's)
+    /// hold it shared until their write completes; a fence, a seal and a repair exclusively.
     fn gate(&self, seg: SegmentId) -> Arc<tokio::sync::RwLock<bool>> {
         self.gates
             .lock()
@@ -2482,12 +2482,11 @@ impl Push {
         let mut turn = 0usize;
         loop {
             while calls.len() < PUSH_WINDOW {
-                let Some(req) = self.next_round(calls.is_empty(), &mut sent)? else {
+                let Some((req, end)) = self.next_round(calls.is_empty(), &mut sent)? else {
                     break;
                 };
                 let client = self.clients[turn % self.clients.len()].clone();
                 turn += 1;
-                let end = sent.unwrap_or(0);
                 let timeout = self.timeout;
                 calls.push_back(async move { (client.call(&req, timeout).await, end) });
             }
@@ -2535,10 +2534,15 @@ impl Push {
         }
     }
 
-    /// The next round to send, if any: entries from `sent` (or the replica's length) up to the
-    /// length wanted, or (with nothing in flight) only a request to fsync. With nothing in
-    /// flight and nothing to do, leaves `pushing` and returns `None`.
-    fn next_round(&self, idle: bool, sent: &mut Option<u64>) -> Result<Option<RpcRequest>, String> {
+    /// The next round to send, if any, with the position after its entries: entries from
+    /// `sent` (or the replica's length) up to the length wanted, or (with nothing in flight)
+    /// only a request to fsync. With nothing in flight and nothing to do, leaves `pushing` and
+    /// returns `None`.
+    fn next_round(
+        &self,
+        idle: bool,
+        sent: &mut Option<u64>,
+    ) -> Result<Option<(RpcRequest, u64)>, String> {
         let (from, target, sync) = {
             let mut st = lock(&self.repl.state);
             let target = st.wanted.get(&self.segment).copied().unwrap_or(0);
@@ -2610,15 +2614,19 @@ impl Push {
         self.repl
             .entries_sent
             .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-        *sent = Some(from + payloads.len() as u64);
-        Ok(Some(RpcRequest::Replicate {
-            topic: self.topic.clone(),
-            segment: self.segment.0,
-            epoch: self.epoch.0,
-            sync,
-            position: from,
-            payloads,
-        }))
+        let end = from + payloads.len() as u64;
+        *sent = Some(end);
+        Ok(Some((
+            RpcRequest::Replicate {
+                topic: self.topic.clone(),
+                segment: self.segment.0,
+                epoch: self.epoch.0,
+                sync,
+                position: from,
+                payloads,
+            },
+            end,
+        )))
     }
 }
 

@@ -18,7 +18,7 @@ use openraft::raft::{
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
+use tokio::sync::Semaphore;
 use walrus_core::cluster::metadata::Command;
 
 use crate::meta::{MetaResponse, TypeConfig};
@@ -112,16 +112,13 @@ pub enum RpcRequest {
     },
     /// Liveness probe from the metadata leader.
     Ping,
-    /// A segment leader asks the metadata leader to grant (renew) its lease.
+    /// A segment leader asks the metadata leader to grant (renew) its leases: every open
+    /// segment it leads, in one request, confirmed with one metadata round.
     LeaseGrant {
-        /// Topic.
-        topic: String,
-        /// Segment id.
-        segment: u64,
-        /// The epoch the holder leads.
-        epoch: u64,
         /// The holder.
         holder: u64,
+        /// The segments asked for.
+        segments: Vec<LeaseAsk>,
     },
     /// A segment leader, before its first lease in this process, asks a replica how many
     /// entries of the segment it holds.
@@ -137,6 +134,17 @@ pub enum RpcRequest {
         /// The new leader's Raft term.
         term: u64,
     },
+}
+
+/// One segment in a [`RpcRequest::LeaseGrant`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAsk {
+    /// Topic.
+    pub topic: String,
+    /// Segment id.
+    pub segment: u64,
+    /// The epoch the holder leads.
+    pub epoch: u64,
 }
 
 /// The answer to an [`RpcRequest`], variant for variant.
@@ -163,8 +171,9 @@ pub enum RpcResponse {
     ReportCommitted(Result<(), String>),
     /// Answer to a probe.
     Pong,
-    /// Result of a lease request.
-    LeaseGrant(Result<(), String>),
+    /// Result of a lease request: the request as a whole, then each segment in the order
+    /// asked.
+    LeaseGrant(Result<Vec<Result<(), String>>, String>),
     /// Entries of the fenced segment the replica holds durably.
     Fence(Result<u64, String>),
     /// Entries of the sealed segment the replica holds now (a catch-up may still be running).
@@ -452,19 +461,29 @@ pub async fn read_msg<T: for<'de> Deserialize<'de>>(
     decode_body(&body).map(Some)
 }
 
-/// A connection to one peer, opened lazily and reopened after an error. Calls on one client
-/// are serialized.
+/// Connections to one peer: each call takes an idle one (or opens a new one) for itself, so
+/// calls never wait for each other. A lease renewal or a fence is not queued behind replication
+/// rounds of other segments, and a push's rounds in flight each have their own connection.
 pub struct RpcClient {
     addr: String,
-    conn: Mutex<Option<TcpStream>>,
+    idle: std::sync::Mutex<Vec<TcpStream>>,
+    /// Bounds the calls in flight (and so the connections open) to the peer.
+    in_flight: Semaphore,
 }
+
+/// Idle connections kept per peer; more are opened while needed, then closed.
+pub const IDLE_CONNECTIONS_MAX: usize = 16;
+
+/// Calls in flight to one peer at most; a call past it waits (within its timeout) for a slot.
+pub const CALLS_IN_FLIGHT_MAX: usize = 256;
 
 impl RpcClient {
     /// A client for `addr` (`host:port`); nothing is connected yet.
     pub fn new(addr: String) -> RpcClient {
         RpcClient {
             addr,
-            conn: Mutex::new(None),
+            idle: std::sync::Mutex::new(Vec::new()),
+            in_flight: Semaphore::new(CALLS_IN_FLIGHT_MAX),
         }
     }
 
@@ -473,18 +492,30 @@ impl RpcClient {
         &self.addr
     }
 
-    /// Sends `req` and waits at most `timeout` for the answer. Errors of kind
-    /// `ConnectionRefused` mean the peer is down.
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<TcpStream>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `req` and waits at most `timeout` (all of it: for a slot, the connection, the
+    /// answer) for the answer. Errors of kind `ConnectionRefused` mean the peer is down.
     ///
-    /// Cancel-safe: the stream is taken out of the client for the call and put back only after a
-    /// whole answer was read, so a call dropped midway (its caller timed out) never leaves a
-    /// stale answer for the next call to read.
+    /// Cancel-safe: the stream is the call's own until a whole answer was read, and only then
+    /// goes back to the idle ones, so a call dropped midway (its caller timed out) never leaves
+    /// a stale answer for the next call to read.
     pub async fn call(&self, req: &RpcRequest, timeout: Duration) -> io::Result<RpcResponse> {
-        let mut guard = self.conn.lock().await;
-        let idle = guard.take();
+        let mut reused = false;
         let result = tokio::time::timeout(timeout, async {
+            let _slot = self
+                .in_flight
+                .acquire()
+                .await
+                .map_err(|_| io::Error::other("rpc client closed"))?;
+            let idle = self.idle().pop();
             let mut stream = match idle {
-                Some(s) => s,
+                Some(s) => {
+                    reused = true;
+                    s
+                }
                 None => {
                     let s = TcpStream::connect(&self.addr).await?;
                     s.set_nodelay(true)?;
@@ -500,11 +531,21 @@ impl RpcClient {
         .await;
         match result {
             Ok(Ok((stream, answer))) => {
-                *guard = Some(stream);
+                let mut idle = self.idle();
+                if idle.len() < IDLE_CONNECTIONS_MAX {
+                    idle.push(stream);
+                }
                 Ok(answer)
             }
-            // The stream (dropped here) may hold half a message: never reuse it.
-            Ok(Err(e)) => Err(e),
+            // The stream (dropped here) may hold half a message: never reuse it. A kept
+            // connection that failed says the peer went away (restarted, say): the other kept
+            // ones are as stale, so they go too rather than fail one call each.
+            Ok(Err(e)) => {
+                if reused {
+                    self.idle().clear();
+                }
+                Err(e)
+            }
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("rpc to {} timed out", self.addr),
@@ -513,49 +554,19 @@ impl RpcClient {
     }
 }
 
-/// Connections kept per peer for forwarded requests: concurrent forwards (say, four
-/// producers whose segment moved to another node) use separate connections instead of queueing
-/// behind one.
-pub const PEER_CONNECTIONS_MAX: usize = 8;
-
 /// Clients by address, shared by everything that talks to peers.
 #[derive(Default, Clone)]
 pub struct Peers {
-    clients: Arc<std::sync::Mutex<HashMap<String, Arc<PeerPool>>>>,
-}
-
-struct PeerPool {
-    clients: Vec<Arc<RpcClient>>,
-    next: std::sync::atomic::AtomicUsize,
+    clients: Arc<std::sync::Mutex<HashMap<String, Arc<RpcClient>>>>,
 }
 
 impl Peers {
-    /// A client for `addr` (one of a small pool, in turn), created on first use.
+    /// The client for `addr`, created on first use.
     pub fn get(&self, addr: &str) -> Arc<RpcClient> {
-        let mut one = self.get_distinct(addr, 1);
-        one.swap_remove(0)
-    }
-
-    /// `n` different clients for `addr` (at most the pool's size), the next ones in turn.
-    pub fn get_distinct(&self, addr: &str, n: usize) -> Vec<Arc<RpcClient>> {
-        let pool = {
-            let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(addr.to_string())
-                .or_insert_with(|| {
-                    Arc::new(PeerPool {
-                        clients: (0..PEER_CONNECTIONS_MAX)
-                            .map(|_| Arc::new(RpcClient::new(addr.to_string())))
-                            .collect(),
-                        next: std::sync::atomic::AtomicUsize::new(0),
-                    })
-                })
-                .clone()
-        };
-        let n = n.clamp(1, pool.clients.len());
-        let first = pool.next.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        (first..first + n)
-            .map(|i| pool.clients[i % pool.clients.len()].clone())
-            .collect()
+        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(addr.to_string())
+            .or_insert_with(|| Arc::new(RpcClient::new(addr.to_string())))
+            .clone()
     }
 }
 
@@ -627,6 +638,42 @@ mod tests {
             let derived = codec().serialize(&Derived(payloads)).unwrap();
             prop_assert_eq!(&ours, &derived);
             prop_assert_eq!(entries, derived);
+        }
+
+        #[test]
+        fn lease_grants_round_trip_and_every_truncation_is_an_error(
+            asks in prop::collection::vec(("[a-z]{0,12}", any::<u64>(), any::<u64>()), 0..40),
+            holder in any::<u64>(),
+            granted in prop::collection::vec(any::<bool>(), 0..40),
+        ) {
+            let segments: Vec<LeaseAsk> = asks
+                .into_iter()
+                .map(|(topic, segment, epoch)| LeaseAsk { topic, segment, epoch })
+                .collect();
+            let frame = encode_frame(&RpcRequest::LeaseGrant { holder, segments: segments.clone() })
+                .unwrap();
+            match decode_body::<RpcRequest>(&frame[4..]).unwrap() {
+                RpcRequest::LeaseGrant { holder: h, segments: got } => {
+                    prop_assert_eq!(h, holder);
+                    prop_assert_eq!(got, segments);
+                }
+                other => prop_assert!(false, "decoded {:?}", other),
+            }
+            for cut in 4..frame.len() {
+                prop_assert!(decode_body::<RpcRequest>(&frame[4..cut]).is_err());
+            }
+            let answers: Vec<Result<(), String>> = granted
+                .iter()
+                .map(|&g| if g { Ok(()) } else { Err("not the leader".to_string()) })
+                .collect();
+            let frame = encode_frame(&RpcResponse::LeaseGrant(Ok(answers.clone()))).unwrap();
+            match decode_body::<RpcResponse>(&frame[4..]).unwrap() {
+                RpcResponse::LeaseGrant(got) => prop_assert_eq!(got, Ok(answers)),
+                other => prop_assert!(false, "decoded {:?}", other),
+            }
+            for cut in 4..frame.len() {
+                prop_assert!(decode_body::<RpcResponse>(&frame[4..cut]).is_err());
+            }
         }
 
         #[test]

@@ -362,12 +362,9 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             RpcResponse::ReportCommitted(node.report_committed(&topic).await)
         }
         RpcRequest::Ping => RpcResponse::Pong,
-        RpcRequest::LeaseGrant {
-            topic,
-            segment,
-            epoch,
-            holder,
-        } => RpcResponse::LeaseGrant(node.grant_lease(&topic, segment, epoch, holder).await),
+        RpcRequest::LeaseGrant { holder, segments } => {
+            RpcResponse::LeaseGrant(node.grant_leases(holder, &segments).await)
+        }
         RpcRequest::Held { topic, segment } => RpcResponse::Held(
             node.local_entry_count(&topic, walrus_core::cluster::SegmentId(segment)),
         ),

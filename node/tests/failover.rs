@@ -180,21 +180,6 @@ fn wait_metadata_leader_not(c: &mut Client, dead: &[u64]) {
     }
 }
 
-/// A counter from `METRICS`, summed over the given running nodes.
-fn metric_sum(nodes: &[&NodeProc], name: &str) -> u64 {
-    nodes
-        .iter()
-        .filter_map(|n| {
-            let mut c = Client::connect(&n.addr(), Duration::from_secs(5)).ok()?;
-            let Ok(Reply::Ok(Some(m))) = c.request(b"METRICS") else {
-                return None;
-            };
-            let v: serde_json::Value = serde_json::from_slice(&m).ok()?;
-            v["counters"][name].as_u64()
-        })
-        .sum()
-}
-
 #[test]
 fn failover_killing_the_open_segments_leader_mid_write_loses_no_acknowledged_write() {
     let tmp = tempfile::tempdir().unwrap();

@@ -149,12 +149,22 @@ pub fn put(c: &mut Client, topic: &str, payload: &[u8]) -> Reply {
 
 /// Retries a request until it is not `ERR` (leadership moves, topics propagate), bounded.
 pub fn eventually(c: &mut Client, body: &[u8]) -> Reply {
+    eventually_counting(c, body).0
+}
+
+/// [`eventually`], also saying how many times the request was answered `ERR` first. A PUT
+/// answered `ERR` may still have been written (acknowledgement is at-least-once), so a test
+/// that retries one may read it twice.
+pub fn eventually_counting(c: &mut Client, body: &[u8]) -> (Reply, u32) {
     let deadline = Instant::now() + Duration::from_secs(15);
+    let mut errors = 0;
     loop {
         let r = c.request(body).unwrap();
         if !matches!(r, Reply::Err(_)) || Instant::now() > deadline {
-            return r;
+            return (r, errors);
         }
+        eprintln!("retrying {:?} after {r:?}", String::from_utf8_lossy(body));
+        errors += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -211,4 +221,19 @@ pub fn open_leader(c: &mut Client, topic: &str) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// A counter from `METRICS`, summed over the given running nodes.
+pub fn metric_sum(nodes: &[&NodeProc], name: &str) -> u64 {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let mut c = Client::connect(&n.addr(), Duration::from_secs(5)).ok()?;
+            let Ok(Reply::Ok(Some(m))) = c.request(b"METRICS") else {
+                return None;
+            };
+            let v: serde_json::Value = serde_json::from_slice(&m).ok()?;
+            v["counters"][name].as_u64()
+        })
+        .sum()
 }

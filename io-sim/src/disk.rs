@@ -215,6 +215,16 @@ impl SimDisk {
         st.names = names;
     }
 
+    /// The disk is lost (replaced by an empty one): every file and directory is gone. Only
+    /// while crashed, so that no running process holds its files.
+    pub fn wipe(&self) {
+        let mut st = lock(&self.shared.state);
+        assert!(st.down, "wipe a crashed disk only");
+        st.names.clear();
+        st.durable_names.clear();
+        st.dirs.clear();
+    }
+
     /// Brings a crashed disk back, with whatever survived the crash.
     pub fn restart(&self) {
         lock(&self.shared.state).down = false;

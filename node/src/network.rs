@@ -92,6 +92,10 @@ impl RaftNetwork<TypeConfig> for Network {
             RpcResponse::Vote(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
+            // No vote from this peer this time, as if it were unreachable.
+            RpcResponse::Refused(why) => Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(why),
+            ))),
             _ => Err(Self::mismatch()),
         }
     }

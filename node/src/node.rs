@@ -60,6 +60,10 @@ const RE_REPLICATION_EVERY_TICKS: u64 = 20;
 const RE_REPLICATION_BATCH: usize = 8;
 /// The error a replica answers a write of an epoch a recovery has fenced.
 pub const FENCED: &str = "segment fenced by a failover";
+/// The error a replica that started empty answers a write or fence of a segment opened before
+/// it started (see `NodeConfig::started_empty`).
+pub const LOST: &str = "this node lost its data since the segment opened: it takes no writes \
+                        or fences of it";
 
 /// Settings of one node.
 #[derive(Debug, Clone)]
@@ -87,6 +91,14 @@ pub struct NodeConfig {
     pub lease_ms: u64,
     /// How long a node must stay dead before its sealed segments are copied to another node.
     pub re_replicate_after: Duration,
+    /// The data directory was empty at start and the node joins an existing cluster: a new
+    /// node, or one whose disk was lost. Under the same id it may have voted, held entries
+    /// and recorded fences that are all gone. So until its Raft log has caught up it neither
+    /// votes nor stands for election (a vote from an empty log could elect a leader missing
+    /// committed metadata), and it never takes writes or fences of segments opened before it
+    /// started (`LOST`): counted in a quorum, an empty copy could hide acknowledged entries,
+    /// and a forgotten fence could let a deposed leader acknowledge again.
+    pub started_empty: bool,
 }
 
 /// Counters reported by `METRICS`.
@@ -355,6 +367,9 @@ struct ReplicationState {
     wanted_durable: BTreeMap<SegmentId, u64>,
     /// Replicas with a push running.
     pushing: BTreeSet<(SegmentId, NodeId)>,
+    /// Replicas that answered `LOST`: they started empty since the segment opened and never
+    /// take its writes again.
+    lost: BTreeSet<(SegmentId, NodeId)>,
 }
 
 /// Segment -> replica -> a count it reported.
@@ -428,6 +443,10 @@ impl Node {
         let fences = load_fences(&data)?;
         let lease_cfg = LeaseConfig::for_lease(cfg.lease_ms);
         let boot_index = raft.metrics().borrow().last_log_index.filter(|&i| i > 0);
+        if let Some(i) = boot_index {
+            // (If openraft applied past it already, the id then: the cautious side.)
+            sm.watch_index(i);
+        }
         Ok(Node {
             cfg,
             raft,
@@ -901,6 +920,9 @@ impl Node {
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
         }
+        if self.lost_since_open(seg) {
+            return Err(LOST.into());
+        }
         let key = segment_key(topic, seg);
         let refs: Vec<&[u8]> = payloads.iter().collect();
         let give_up = Instant::now() + GAP_WAIT;
@@ -1016,6 +1038,17 @@ impl Node {
         all.get(k.saturating_sub(1)).copied().unwrap_or(0)
     }
 
+    /// Whether the replicas of `seg` that answered `LOST` leave too few for a majority.
+    fn quorum_lost(&self, seg: &SegmentMeta) -> bool {
+        let st = lock(&self.replication.state);
+        let lost = seg
+            .replicas
+            .iter()
+            .filter(|&&r| st.lost.contains(&(seg.id, r)))
+            .count();
+        lost > 0 && seg.replicas.len() - lost < walrus_core::cluster::majority(seg.replicas.len())
+    }
+
     /// Whether a recovery fenced `seg` here at an epoch past `epoch`.
     fn fenced_past(&self, seg: SegmentId, epoch: u64) -> bool {
         lock(&self.fences).get(&seg).is_some_and(|&f| f > epoch)
@@ -1040,6 +1073,9 @@ impl Node {
     /// simulation, seed 82.)
     pub async fn fence(&self, topic: &str, segment: u64, epoch: u64) -> Result<u64, Failure> {
         let seg = SegmentId(segment);
+        if self.lost_since_open(seg) {
+            return Err(LOST.into());
+        }
         {
             // Writes of older epochs stop at once; the record below makes it last.
             let mut fences = lock(&self.fences);
@@ -1271,10 +1307,14 @@ impl Node {
     }
 
     /// Seals `seg` (which this node leads) at its exact local length.
-    async fn seal(&self, topic: &str, seg: &SegmentMeta) -> Result<(), Failure> {
+    async fn seal(&self, topic: &str, seg: &SegmentMeta, stuck: bool) -> Result<(), Failure> {
         *self.gate(seg.id).write().await = true;
         let entries = self.data.entry_count(&segment_key(topic, seg.id));
-        if self.quorum_length(topic, seg) < entries {
+        // A segment whose replicas that lost their copies leave too few for a quorum can never
+        // reach one again: seal it at this node's length. Every acknowledged entry is here (a
+        // leader acknowledges only what it holds), and the other replicas' repair loops copy
+        // the sealed segment from here.
+        if !stuck && self.quorum_length(topic, seg) < entries {
             // Seal only what a majority holds: a PUT still waiting for its quorum may yet be
             // acknowledged, and a sealed entry on this node alone would be unreadable if it
             // failed.
@@ -1662,7 +1702,14 @@ impl Node {
             if full_scan {
                 last_full_scan = Instant::now();
             }
-            for (topic, seg) in self.led_open_segments() {
+            let led = self.led_open_segments();
+            {
+                let open: BTreeSet<SegmentId> = led.iter().map(|(_, s)| s.id).collect();
+                lock(&self.replication.state)
+                    .lost
+                    .retain(|(seg, _)| open.contains(seg));
+            }
+            for (topic, seg) in led {
                 if self.fenced_past(seg.id, seg.epoch.0) {
                     // A failover is sealing it.
                     continue;
@@ -1671,8 +1718,9 @@ impl Node {
                 let full = full_scan
                     && self.data.entry_count(&segment_key(&topic, seg.id))
                         >= self.cfg.max_segment_entries;
-                if closed || full {
-                    if let Err(e) = self.seal(&topic, &seg).await {
+                let stuck = self.quorum_lost(&seg);
+                if closed || full || stuck {
+                    if let Err(e) = self.seal(&topic, &seg, stuck).await {
                         tracing::warn!(%topic, segment = seg.id.0, error = %e, "seal failed; will retry");
                     }
                 }
@@ -1748,7 +1796,10 @@ impl Node {
     pub fn note_leader_commit(&self, commit: Option<u64>) {
         let mut b = lock(&self.boot);
         if b.index.is_none() {
-            b.index = Some(commit.unwrap_or(0));
+            let index = commit.unwrap_or(0);
+            b.index = Some(index);
+            // Before this append's entries are applied, so the id is read at exactly `index`.
+            self.sm.watch_index(index);
         }
     }
 
@@ -1758,24 +1809,32 @@ impl Node {
         lock(&self.boot).first_new.is_some_and(|first| seg >= first)
     }
 
-    /// Fixes `Boot::first_new` once this node has applied up to the boot index (called every
-    /// lease-loop round, so it lands soon after; segments opened in between count as old,
-    /// which only costs them a replica check).
+    /// Whether this node started empty and `seg` may predate it (see
+    /// `NodeConfig::started_empty`).
+    fn lost_since_open(&self, seg: SegmentId) -> bool {
+        self.cfg.started_empty && !self.opened_since_start(seg)
+    }
+
+    /// Whether this node's Raft log holds everything committed before it started: always,
+    /// unless it started empty; then once its log reaches the commit index of the first
+    /// append it received (see `Boot`).
+    pub fn raft_caught_up(&self) -> bool {
+        if !self.cfg.started_empty {
+            return true;
+        }
+        let Some(index) = lock(&self.boot).index else {
+            return false;
+        };
+        self.raft.metrics().borrow().last_log_index.unwrap_or(0) >= index
+    }
+
+    /// Fixes `Boot::first_new` once this node has applied up to the boot index: the next
+    /// segment id as the metadata stood at exactly that index (`StateMachine::watch_index`),
+    /// so a segment opened after it never counts as old, however late this runs.
     fn settle_boot(&self) {
         let mut b = lock(&self.boot);
-        if b.first_new.is_none() {
-            let applied = self
-                .raft
-                .metrics()
-                .borrow()
-                .last_applied
-                .map_or(0, |l| l.index);
-            match b.index {
-                Some(i) if applied >= i => {
-                    b.first_new = Some(self.sm.read(|m| m.next_segment_id()));
-                }
-                _ => {}
-            }
+        if b.first_new.is_none() && b.index.is_some() {
+            b.first_new = self.sm.watched_next_segment();
         }
     }
 
@@ -2546,6 +2605,14 @@ impl Push {
                     let mut fences = lock(&self.fences);
                     let f = fences.entry(self.segment).or_default();
                     *f = (*f).max(self.epoch.0.saturating_add(1));
+                    return Err(e);
+                }
+                Ok(RpcResponse::Replicate(Err(e))) if e == LOST => {
+                    // It never takes this segment's writes again: the rollover monitor seals
+                    // the segment if the others are too few for a quorum.
+                    lock(&self.repl.state)
+                        .lost
+                        .insert((self.segment, self.replica));
                     return Err(e);
                 }
                 Ok(RpcResponse::Replicate(Err(e))) => return Err(e),

@@ -171,6 +171,9 @@ pub enum RpcResponse {
     ReportCommitted(Result<(), String>),
     /// Answer to a probe.
     Pong,
+    /// The request was refused: this node may not answer it now (a vote, while its Raft log
+    /// catches up after it started empty).
+    Refused(String),
     /// Result of a lease request: the request as a whole, then each segment in the order
     /// asked.
     LeaseGrant(Result<Vec<Result<(), String>>, String>),

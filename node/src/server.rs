@@ -308,7 +308,17 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             node.note_leader_commit(r.leader_commit.map(|l| l.index));
             RpcResponse::AppendEntries(raft.append_entries(r).await)
         }
-        RpcRequest::Vote(r) => RpcResponse::Vote(raft.vote(r).await),
+        RpcRequest::Vote(r) => {
+            if node.raft_caught_up() {
+                RpcResponse::Vote(raft.vote(r).await)
+            } else {
+                RpcResponse::Refused(
+                    "this node started empty and its raft log has not caught up: it does not \
+                     vote yet"
+                        .into(),
+                )
+            }
+        }
         RpcRequest::InstallSnapshot(r) => {
             node.note_leader_contact(r.vote.leader_id.term);
             RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)

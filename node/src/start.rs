@@ -92,7 +92,10 @@ pub async fn run(args: Args) -> Result<(), String> {
 pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     disk.create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
-    check_node_id(&*disk, &args)?;
+    // A node joining with an empty data directory (new, or its disk was lost) may have voted
+    // and acknowledged before, as the same id: it holds none of that now (see
+    // `NodeConfig::started_empty`).
+    let started_empty = check_node_id(&*disk, &args)? && args.join.is_some();
     let raft_advertise = format!(
         "{}:{}",
         args.raft_advertise_host
@@ -130,6 +133,8 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         election_timeout_min: 300,
         election_timeout_max: 600,
         snapshot_policy: SnapshotPolicy::Never,
+        // Turned on once the log has caught up (`Node::raft_caught_up`).
+        enable_elect: !started_empty,
         ..Default::default()
     }
     .validate()
@@ -156,6 +161,7 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
             .ok_or_else(|| format!("unknown durability {}", args.durability))?,
         lease_ms: args.lease_ms,
         re_replicate_after: Duration::from_millis(args.re_replicate_after_ms),
+        started_empty,
     };
     let node = Arc::new(
         Node::new(cfg, raft.clone(), sm, disk)
@@ -191,6 +197,16 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             tracing::error!("could not register this node in the metadata");
+        });
+    }
+    if started_empty {
+        let node = node.clone();
+        tokio::spawn(async move {
+            while !node.raft_caught_up() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            node.raft().runtime_config().elect(true);
+            tracing::info!("the raft log caught up: this node votes and stands for election");
         });
     }
     tokio::spawn(node.clone().commit_report_loop());
@@ -241,6 +257,12 @@ async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Re
     };
     let mut last = String::new();
     for _ in 0..60 {
+        // A member that lost its data is caught up by the metadata leader on its own: once
+        // that has begun, the node it joins through need not be up.
+        if node.raft().is_initialized().await.unwrap_or(false) {
+            tracing::info!("the metadata leader reached this node; not joining");
+            return Ok(());
+        }
         match peers.call(&req, Duration::from_secs(30)).await {
             Ok(crate::rpc::RpcResponse::Join(Ok(()))) => {
                 tracing::info!(%addr, "joined the cluster");
@@ -256,7 +278,8 @@ async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Re
 }
 
 /// The node id is stored next to the data: a data directory never changes hands silently.
-fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<(), String> {
+/// Returns whether the directory was new (its id file written now).
+fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<bool, String> {
     const ID_FILE_MAX_BYTES: u64 = 64;
     let path = args.data_dir.join("node-id");
     let file = disk
@@ -272,6 +295,7 @@ fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<(), String> {
             .write_all_at(text.as_bytes(), 0)
             .and_then(|()| file.sync_data())
             .and_then(|()| disk.sync_dir(&args.data_dir))
+            .map(|()| true)
             .map_err(|e| format!("cannot write {}: {e}", path.display()));
     }
     if len > ID_FILE_MAX_BYTES {
@@ -284,7 +308,7 @@ fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<(), String> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
     {
-        Some(id) if id == args.node_id => Ok(()),
+        Some(id) if id == args.node_id => Ok(false),
         Some(id) => Err(format!(
             "{} belongs to node {id}, not {}",
             args.data_dir.display(),

@@ -355,6 +355,82 @@ fn failover_a_wiped_open_segment_leader_does_not_take_its_segment_up_again() {
     assert_eq!(got, acked);
 }
 
+/// A replica that lost its disk holds none of what it acknowledged, so it must not count in a
+/// recovery's fence quorum: sealing from its empty copy would drop acknowledged entries. With
+/// two replicas per segment (a fence quorum of one): leader L and replica R acknowledge
+/// entries, R loses its disk, L dies, and R comes back empty. The recovery must wait for L.
+#[test]
+fn failover_a_wiped_replica_does_not_count_in_a_recovery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        ("WALRUS_MAX_SEGMENT_ENTRIES", "20"),
+        ("WALRUS_REPLICATION_FACTOR", "2"),
+    ];
+    let mut nodes = cluster(tmp.path(), &env);
+    let mut c = nodes[0].client();
+    assert_eq!(eventually(&mut c, b"REGISTER wr"), Reply::Ok(None));
+    // The metadata leader stays up throughout.
+    let m = ok(eventually(&mut c, b"METRICS")).unwrap();
+    let x = serde_json::from_slice::<serde_json::Value>(&m).unwrap()["raft"]["current_leader"]
+        .as_u64()
+        .unwrap();
+    let mut acked = Vec::new();
+    let mut i = 0;
+    let mut put = |c: &mut Client, acked: &mut Vec<Vec<u8>>| {
+        let p = format!("e{i}").into_bytes();
+        ok(eventually(c, &[b"PUT wr ".as_slice(), &p].concat()));
+        acked.push(p);
+        i += 1;
+    };
+    // Write until the open segment has room left, is led by a node other than the metadata
+    // leader, and its other replica is neither the metadata leader nor node 1 (a wiped node 1
+    // would found a new cluster).
+    let (l, r) = loop {
+        put(&mut c, &mut acked);
+        let state = ok(eventually(&mut c, b"STATE wr")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&state).unwrap();
+        let open = v["segments"].as_array().unwrap().last().unwrap().clone();
+        let leader = open["leader"].as_u64().unwrap();
+        let replicas: Vec<u64> = open["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        let other = replicas.iter().copied().find(|&n| n != leader);
+        if let Some(r) = other {
+            if leader != x && r != x && r != 1 && open["committed"].as_u64().unwrap() <= 8 {
+                break (leader, r);
+            }
+        }
+        assert!(
+            acked.len() < 400,
+            "no open segment on the two other nodes: {v}"
+        );
+    };
+    // Acknowledged by L and R (both, a majority of two).
+    for _ in 0..3 {
+        put(&mut c, &mut acked);
+    }
+    let (l, r) = (l as usize - 1, r as usize - 1);
+    nodes[r].kill();
+    std::fs::remove_dir_all(&nodes[r].dir).unwrap();
+    nodes[l].kill();
+    nodes[r].restart();
+    // Long enough for L's lease to lapse and a failover to start: it may fence R, which holds
+    // nothing, but must not seal from it.
+    std::thread::sleep(Duration::from_secs(6));
+    nodes[l].restart();
+    let mut cx = nodes[x as usize - 1].client();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < acked.len() && Instant::now() < deadline {
+        got.extend(drain(&mut cx, "wr", 1000));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got, acked);
+}
+
 /// Replica sets of the sealed segments of `topic`, in chain order, from `STATE`.
 fn sealed_replicas(c: &mut Client, topic: &str) -> Vec<Vec<u64>> {
     let state = ok(eventually(c, format!("STATE {topic}").as_bytes())).unwrap();

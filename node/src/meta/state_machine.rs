@@ -16,6 +16,7 @@ use openraft::{
 };
 use tokio::sync::watch;
 use walrus_core::cluster::metadata::{Command, Metadata, SNAPSHOT_LEN_MAX_BYTES};
+use walrus_core::cluster::SegmentId;
 
 use super::{codec, MetaResponse, TypeConfig};
 
@@ -51,6 +52,9 @@ struct Applied {
     metadata: Metadata,
     last_applied: Option<LogId<u64>>,
     last_membership: Membership,
+    /// A watched index and, once everything up to it is applied, the next segment id as of
+    /// exactly that index (see [`StateMachine::watch_index`]).
+    watch: Option<(u64, Option<SegmentId>)>,
 }
 
 #[derive(Clone)]
@@ -72,6 +76,7 @@ impl StateMachine {
                     metadata: Metadata::new(replication_factor),
                     last_applied: None,
                     last_membership: Membership::default(),
+                    watch: None,
                 }),
                 snapshot: Mutex::new(None),
                 applied_tx,
@@ -94,6 +99,25 @@ impl StateMachine {
     pub fn read_applied<R>(&self, f: impl FnOnce(Option<u64>, &Metadata) -> R) -> R {
         let st = self.read_state();
         f(st.last_applied.map(|l| l.index), &st.metadata)
+    }
+
+    /// Watches `index` (the first call wins): [`StateMachine::watched_next_segment`] then
+    /// gives the next segment id as the metadata stood at exactly that index, so every segment
+    /// from it on was opened after it. If more than `index` is applied already, the id now
+    /// (later segments count as before the index: the cautious side).
+    pub fn watch_index(&self, index: u64) {
+        let mut s = self.write_state();
+        if s.watch.is_some() {
+            return;
+        }
+        let reached = s.last_applied.is_some_and(|l| l.index >= index);
+        let seen = reached.then(|| s.metadata.next_segment_id());
+        s.watch = Some((index, seen));
+    }
+
+    /// The next segment id as of the watched index, once it is applied.
+    pub fn watched_next_segment(&self) -> Option<SegmentId> {
+        self.read_state().watch.and_then(|(_, seen)| seen)
     }
 
     /// A receiver of the last applied index, sent after every apply (and snapshot install), so
@@ -130,6 +154,23 @@ impl StateMachine {
 }
 
 fn apply_entry(state: &mut Applied, entry: Entry<TypeConfig>) -> MetaResponse {
+    let index = entry.log_id.index;
+    // The watched index lies before this entry: the metadata stands as of it now.
+    if let Some((w, seen @ None)) = &mut state.watch {
+        if index > *w {
+            *seen = Some(state.metadata.next_segment_id());
+        }
+    }
+    let response = apply_entry_payload(state, entry);
+    if let Some((w, seen @ None)) = &mut state.watch {
+        if index == *w {
+            *seen = Some(state.metadata.next_segment_id());
+        }
+    }
+    response
+}
+
+fn apply_entry_payload(state: &mut Applied, entry: Entry<TypeConfig>) -> MetaResponse {
     state.last_applied = Some(entry.log_id);
     match entry.payload {
         EntryPayload::Blank => MetaResponse { result: None },
@@ -269,6 +310,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             s.metadata = metadata;
             s.last_applied = meta.last_log_id;
             s.last_membership = meta.last_membership.clone();
+            // A snapshot past the watched index: the id now (the cautious side).
+            let next = s.metadata.next_segment_id();
+            let at = meta.last_log_id.map_or(0, |l| l.index);
+            if let Some((w, seen @ None)) = &mut s.watch {
+                if at >= *w {
+                    *seen = Some(next);
+                }
+            }
         }
         *self.stored_snapshot() = Some(StoredSnapshot {
             meta: meta.clone(),

@@ -113,7 +113,13 @@ fn check_quorum(world: &World) -> Result<(), Violation> {
         let Some((id, base, replicas)) = seg else {
             continue;
         };
-        if replicas.len() < 2 || !replicas.iter().all(|r| nodes.contains_key(&r.0)) {
+        // A wiped replica lost its copy (the others still hold it: the end-to-end read back
+        // checks that nothing acknowledged was lost).
+        let wiped = world.wiped.lock().unwrap().clone();
+        if replicas.len() < 2
+            || !replicas.iter().all(|r| nodes.contains_key(&r.0))
+            || replicas.iter().any(|r| wiped.contains(&r.0))
+        {
             continue;
         }
         let holding = replicas
@@ -284,7 +290,7 @@ fn sample(world: &World) -> Result<(), Violation> {
             // The leader must still hold every sealed entry. It may hold more: a write that
             // failed (its fsync did) stays in the page cache, and a restart's recovery replays
             // it past the seal; readers never see it, since reads stop at the sealed count.
-            if leader == Some(id) {
+            if leader == Some(id) && !world.wiped.lock().unwrap().contains(&id) {
                 let local = node.local_entry_count(&topic, SegmentId(seg));
                 if local < entries {
                     return violation(

@@ -28,11 +28,15 @@ pub enum ClusterFault {
     DiskFull,
     /// A node's clock runs fast or slow (within the lease drift bound).
     ClockSkew,
+    /// A node loses its disk: killed, its data directory gone, restarted empty (it rejoins
+    /// through node 1 and is repopulated). Once per run, and only with three replicas per
+    /// segment, so that every acknowledged entry keeps a copy.
+    Wipe,
 }
 
 impl ClusterFault {
     /// Every kind, in a fixed order.
-    pub const ALL: [ClusterFault; 9] = [
+    pub const ALL: [ClusterFault; 10] = [
         ClusterFault::Kill,
         ClusterFault::Partition,
         ClusterFault::AsymmetricPartition,
@@ -42,6 +46,7 @@ impl ClusterFault {
         ClusterFault::FsyncError,
         ClusterFault::DiskFull,
         ClusterFault::ClockSkew,
+        ClusterFault::Wipe,
     ];
 }
 

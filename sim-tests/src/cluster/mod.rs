@@ -135,6 +135,8 @@ pub struct World {
     pub down: Mutex<BTreeSet<usize>>,
     /// Nodes (indexes) whose process exited and that wait for the supervisor.
     pub exited: Mutex<BTreeSet<usize>>,
+    /// Nodes (ids) whose disk was wiped: they hold less than their replica sets say.
+    pub wiped: Mutex<BTreeSet<u64>>,
     pub samples: Mutex<checkers::Samples>,
 }
 
@@ -233,6 +235,7 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         violation: Mutex::new(None),
         down: Mutex::new(BTreeSet::new()),
         exited: Mutex::new(BTreeSet::new()),
+        wiped: Mutex::new(BTreeSet::new()),
         samples: Mutex::new(checkers::Samples::default()),
     });
     world.trace(format!("config {cfg}"));
@@ -466,21 +469,40 @@ impl Faults {
         let net = NetSim::current();
         let now = self.world.now_ms();
         match kind {
-            ClusterFault::Kill => {
+            ClusterFault::Kill | ClusterFault::Wipe => {
+                let wipe = kind == ClusterFault::Wipe;
+                // A wipe loses every copy a node held: once per run, and only where every
+                // acknowledged entry is on two nodes or more.
+                if wipe
+                    && (cfg.replication_factor < 3 || !self.world.wiped.lock().unwrap().is_empty())
+                {
+                    return;
+                }
                 // Keep a majority up so that the run keeps making progress.
                 let down = self.world.down.lock().unwrap().clone();
                 if down.len() >= (n - 1) / 2 {
                     return;
                 }
-                let up: Vec<usize> = (0..n).filter(|i| !down.contains(i)).collect();
+                // Node 1 founds the cluster (it has no `--join`): it is never wiped.
+                let up: Vec<usize> = (0..n)
+                    .filter(|i| !down.contains(i) && !(wipe && *i == 0))
+                    .collect();
                 let i = up[self.rng.below(up.len())];
                 // The disk loses power first, so the dying node cannot sync anything more.
                 self.disks[i].crash();
                 self.handle.kill(self.nodes[i]);
+                if wipe {
+                    self.disks[i].wipe();
+                    self.world.wiped.lock().unwrap().insert(i as u64 + 1);
+                }
                 self.world.down.lock().unwrap().insert(i);
                 let back = now + self.rng.range(500, 5_000);
                 self.pending_restarts.push((back, i));
-                self.world.trace(format!("fault: kill node {}", i + 1));
+                self.world.trace(format!(
+                    "fault: {} node {}",
+                    if wipe { "wipe" } else { "kill" },
+                    i + 1
+                ));
             }
             ClusterFault::Partition | ClusterFault::AsymmetricPartition => {
                 let size = self.rng.range(1, (n - 1) as u64) as usize;

@@ -485,7 +485,8 @@ impl Faults {
                 }
                 // Node 1 founds the cluster (it has no `--join`): it is never wiped.
                 let up: Vec<usize> = (0..n)
-                    .filter(|i| !down.contains(i) && !(wipe && *i == 0))
+                    .filter(|i| !down.contains(i))
+                    .filter(|&i| !wipe || i != 0)
                     .collect();
                 let i = up[self.rng.below(up.len())];
                 // The disk loses power first, so the dying node cannot sync anything more.

@@ -178,7 +178,7 @@ pub struct Node {
 /// this node, so they need no replica check before they are taken up. `index`: a Raft log
 /// index no lower than any entry applied before the start (the local log's last index, or
 /// for an empty log, as after a wiped directory, the leader's commit index in the first
-/// append received). `first_new`: once this node applied up to `index`, the next segment id
+/// append received whose commit is of the leader's own term). `first_new`: once this node applied up to `index`, the next segment id
 /// then; every segment from it on is new.
 #[derive(Default)]
 struct Boot {
@@ -1793,10 +1793,20 @@ impl Node {
 
     /// A Raft append arrived carrying the leader's commit index: for a node that started with
     /// an empty log, the first one bounds what was applied before it started (see `Boot`).
-    pub fn note_leader_commit(&self, commit: Option<u64>) {
+    ///
+    /// Only a commit of the leader's own term counts (`commit` is its (term, index)): a leader
+    /// fresh from an election may not yet know how far its predecessor committed, and this
+    /// node (if it lost its log) may have applied further than that. Once a leader committed
+    /// an entry of its own term, every entry committed before lies below it.
+    pub fn note_leader_commit(&self, commit: Option<(u64, u64)>, leader_term: u64) {
+        let Some((term, index)) = commit else {
+            return;
+        };
+        if term != leader_term {
+            return;
+        }
         let mut b = lock(&self.boot);
         if b.index.is_none() {
-            let index = commit.unwrap_or(0);
             b.index = Some(index);
             // Before this append's entries are applied, so the id is read at exactly `index`.
             self.sm.watch_index(index);
@@ -1898,7 +1908,11 @@ impl Node {
                     continue;
                 }
                 if !lock(&self.cleared).contains(&key) {
-                    if !self.opened_since_start(seg.id) {
+                    // A node that started empty checks every segment: its boot index came from
+                    // the first Raft append it received, which a deposed leader (still sending
+                    // from a minority) may have sent, so it can be older than what this node
+                    // applied before it lost its disk (Tier B seed 731).
+                    if self.cfg.started_empty || !self.opened_since_start(seg.id) {
                         // First sight in this process of a segment that may predate it: check
                         // the replicas on the side (they may be slow to answer) and take the
                         // first lease right after.

@@ -305,7 +305,10 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
     match req {
         RpcRequest::AppendEntries(r) => {
             node.note_leader_contact(r.vote.leader_id.term);
-            node.note_leader_commit(r.leader_commit.map(|l| l.index));
+            node.note_leader_commit(
+                r.leader_commit.map(|l| (l.leader_id.term, l.index)),
+                r.vote.leader_id.term,
+            );
             RpcResponse::AppendEntries(raft.append_entries(r).await)
         }
         RpcRequest::Vote(r) => {

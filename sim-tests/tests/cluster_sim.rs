@@ -214,6 +214,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a replica restarted after a fence forgot it, and the old leader reached a quorum \
          past the seal the fence quorum had decided",
     ),
+    (
+        731,
+        "a leader that lost its disk took its open segment up again, unchecked, on a boot \
+         index from a deposed Raft leader's append",
+    ),
 ];
 
 #[test]

@@ -65,6 +65,10 @@ pub const FENCED: &str = "segment fenced by a failover";
 pub const LOST: &str = "this node lost its data since the segment opened: it takes no writes \
                         or fences of it";
 
+/// The error a replica that started empty answers a write or fence while its
+/// `Command::Rejoin` is not applied yet (retried by the sender).
+pub const REJOIN_PENDING: &str = "this node's rejoin is not recorded yet; retry";
+
 /// Settings of one node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -99,6 +103,9 @@ pub struct NodeConfig {
     /// started (`LOST`): counted in a quorum, an empty copy could hide acknowledged entries,
     /// and a forgotten fence could let a deposed leader acknowledge again.
     pub started_empty: bool,
+    /// Drawn at random for this process: a node that started empty announces it in its
+    /// `Command::Rejoin`, and reads its own bound back from the metadata by it.
+    pub incarnation: u64,
 }
 
 /// Counters reported by `METRICS`.
@@ -178,8 +185,10 @@ pub struct Node {
 /// this node, so they need no replica check before they are taken up. `index`: a Raft log
 /// index no lower than any entry applied before the start (the local log's last index, or
 /// for an empty log, as after a wiped directory, the leader's commit index in the first
-/// append received whose commit is of the leader's own term). `first_new`: once this node applied up to `index`, the next segment id
-/// then; every segment from it on is new.
+/// append received whose commit is of the leader's own term; that one only decides when the
+/// node may vote). `first_new` (a node with a log): once this node applied up to `index`, the
+/// next segment id then; every segment from it on is new. A node that started empty takes
+/// its bound from the metadata instead (`Command::Rejoin`).
 #[derive(Default)]
 struct Boot {
     index: Option<u64>,
@@ -370,6 +379,9 @@ struct ReplicationState {
     /// Replicas that answered `LOST`: they started empty since the segment opened and never
     /// take its writes again.
     lost: BTreeSet<(SegmentId, NodeId)>,
+    /// Segment -> woken when its wanted length rises, so that its running pushes send the new
+    /// entries at once (with room in their window) instead of after their next answer.
+    wake: BTreeMap<SegmentId, Arc<tokio::sync::Notify>>,
 }
 
 /// Segment -> replica -> a count it reported.
@@ -862,7 +874,7 @@ impl Node {
     fn start_pushes(&self, topic: &str, seg: &SegmentMeta, end: u64, durable: bool) {
         let others = seg.replicas.iter().copied().filter(|&r| r != self.me());
         let mut start = Vec::new();
-        {
+        let wake = {
             let mut st = lock(&self.replication.state);
             let w = st.wanted.entry(seg.id).or_default();
             *w = (*w).max(end);
@@ -870,13 +882,21 @@ impl Node {
                 let w = st.wanted_durable.entry(seg.id).or_default();
                 *w = (*w).max(end);
             }
+            let mut running = false;
             for r in others {
                 // One push per replica at a time; a running one picks up the new target.
                 if st.pushing.insert((seg.id, r)) {
                     start.push(r);
+                } else {
+                    running = true;
                 }
             }
-        }
+            let wake = st.wake.entry(seg.id).or_default().clone();
+            if running {
+                wake.notify_waiters();
+            }
+            wake
+        };
         for r in start {
             let push = Push {
                 client: self.addr_of(r).map(|a| self.peers.get(&a)),
@@ -888,6 +908,7 @@ impl Node {
                 replica: r,
                 timeout: self.cfg.request_timeout,
                 fences: self.fences.clone(),
+                wake: wake.clone(),
             };
             tokio::spawn(push.run());
         }
@@ -919,6 +940,9 @@ impl Node {
             .unwrap_or(false);
         if recovered || self.fenced_past(seg, epoch) {
             return Err(FENCED.into());
+        }
+        if self.rejoin_pending() {
+            return Err(REJOIN_PENDING.into());
         }
         if self.lost_since_open(seg) {
             return Err(LOST.into());
@@ -1073,6 +1097,9 @@ impl Node {
     /// simulation, seed 82.)
     pub async fn fence(&self, topic: &str, segment: u64, epoch: u64) -> Result<u64, Failure> {
         let seg = SegmentId(segment);
+        if self.rejoin_pending() {
+            return Err(REJOIN_PENDING.into());
+        }
         if self.lost_since_open(seg) {
             return Err(LOST.into());
         }
@@ -1808,15 +1835,50 @@ impl Node {
         let mut b = lock(&self.boot);
         if b.index.is_none() {
             b.index = Some(index);
-            // Before this append's entries are applied, so the id is read at exactly `index`.
-            self.sm.watch_index(index);
         }
     }
 
     /// Whether `seg` was opened after this process started (see `Boot`); `false` while unsure.
+    ///
+    /// A node that started empty knows it from its own `Command::Rejoin` once applied here:
+    /// proposed after the start, committed through the current metadata leader, so every
+    /// segment at or past its bound opened after the start. (The boot index of such a node
+    /// comes from the first Raft append it received, which a deposed leader still sending
+    /// from a minority may have sent: it can lie below what this node applied before it lost
+    /// its disk, Tier B seed 731.)
     fn opened_since_start(&self, seg: SegmentId) -> bool {
+        if self.cfg.started_empty {
+            let (me, incarnation) = (self.me(), self.cfg.incarnation);
+            return self
+                .sm
+                .read(|m| m.rejoin_of(me))
+                .is_some_and(|r| r.incarnation == incarnation && seg >= r.first_new);
+        }
         self.settle_boot();
         lock(&self.boot).first_new.is_some_and(|first| seg >= first)
+    }
+
+    /// Whether this node started empty and its `Command::Rejoin` is not applied here yet: it
+    /// cannot tell yet which segments opened after its start.
+    fn rejoin_pending(&self) -> bool {
+        let (me, incarnation) = (self.me(), self.cfg.incarnation);
+        self.cfg.started_empty
+            && self
+                .sm
+                .read(|m| m.rejoin_of(me))
+                .is_none_or(|r| r.incarnation != incarnation)
+    }
+
+
+    /// Announces this process's start with an empty data directory (`Command::Rejoin`),
+    /// until the metadata has it.
+    pub async fn announce_rejoin(&self) -> Result<(), Failure> {
+        self.propose(Command::Rejoin {
+            node: self.me(),
+            incarnation: self.cfg.incarnation,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Whether this node started empty and `seg` may predate it (see
@@ -1908,11 +1970,7 @@ impl Node {
                     continue;
                 }
                 if !lock(&self.cleared).contains(&key) {
-                    // A node that started empty checks every segment: its boot index came from
-                    // the first Raft append it received, which a deposed leader (still sending
-                    // from a minority) may have sent, so it can be older than what this node
-                    // applied before it lost its disk (Tier B seed 731).
-                    if self.cfg.started_empty || !self.opened_since_start(seg.id) {
+                    if !self.opened_since_start(seg.id) {
                         // First sight in this process of a segment that may predate it: check
                         // the replicas on the side (they may be slow to answer) and take the
                         // first lease right after.
@@ -2577,6 +2635,8 @@ struct Push {
     replica: NodeId,
     timeout: Duration,
     fences: Arc<Mutex<HashMap<SegmentId, u64>>>,
+    /// Woken when the segment's wanted length rises.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Push {
@@ -2600,6 +2660,10 @@ impl Push {
         // length.
         let mut sent: Option<u64> = None;
         loop {
+            // Registered before looking at the wanted length, so no rise is missed.
+            let more = self.wake.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
             while calls.len() < PUSH_WINDOW {
                 let Some((req, end)) = self.next_round(calls.is_empty(), &mut sent)? else {
                     break;
@@ -2608,8 +2672,20 @@ impl Push {
                 let timeout = self.timeout;
                 calls.push_back(async move { (client.call(&req, timeout).await, end) });
             }
-            let Some((answer, end)) = calls.next().await else {
+            if calls.is_empty() {
                 // `next_round` left `pushing` (done) or returned an error.
+                return Ok(());
+            }
+            // The next answer; or, with room in the window, new entries to send meanwhile.
+            let next = if calls.len() < PUSH_WINDOW {
+                tokio::select! {
+                    next = calls.next() => next,
+                    () = &mut more => continue,
+                }
+            } else {
+                calls.next().await
+            };
+            let Some((answer, end)) = next else {
                 return Ok(());
             };
             let held = match answer {

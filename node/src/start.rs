@@ -162,6 +162,7 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         lease_ms: args.lease_ms,
         re_replicate_after: Duration::from_millis(args.re_replicate_after_ms),
         started_empty,
+        incarnation: draw_incarnation(),
     };
     let node = Arc::new(
         Node::new(cfg, raft.clone(), sm, disk)
@@ -197,6 +198,20 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             tracing::error!("could not register this node in the metadata");
+        });
+    }
+    if started_empty {
+        // Until the metadata records this start, every segment counts as older than it.
+        let node = node.clone();
+        tokio::spawn(async move {
+            for attempt in 0u32..600 {
+                match node.announce_rejoin().await {
+                    Ok(()) => return,
+                    Err(e) => tracing::debug!(attempt, error = %e, "rejoin announcement pending"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::error!("could not announce this node's rejoin in the metadata");
         });
     }
     if started_empty {
@@ -315,5 +330,18 @@ fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<bool, String> {
             args.node_id
         )),
         None => Err(format!("{} is not a node id file", path.display())),
+    }
+}
+
+/// A random number for `NodeConfig::incarnation` (the simulator's seeded one under madsim).
+fn draw_incarnation() -> u64 {
+    #[cfg(madsim)]
+    {
+        use madsim::rand::Rng;
+        madsim::rand::thread_rng().gen()
+    }
+    #[cfg(not(madsim))]
+    {
+        rand::random()
     }
 }

@@ -28,7 +28,7 @@ pub const TOPICS_MAX: usize = 100_000;
 /// Largest snapshot or encoded command we will decode, in bytes.
 pub const SNAPSHOT_LEN_MAX_BYTES: u64 = 256 << 20;
 /// Snapshot format version written in the first four bytes.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 
 /// A command of the metadata group. Commands are values; [`Metadata::apply`] decides.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -39,6 +39,18 @@ pub enum Command {
         node: NodeId,
         /// Where peers and clients reach it.
         addr: String,
+    },
+    /// A node whose process started with an empty data directory (wiped, or new) announces
+    /// itself, once per process with a random `incarnation`. The next segment id as this
+    /// applies is recorded: only segments from it on can the node be sure to hold whole, since
+    /// they opened after it started. An older one it counts as not holding (its copy, if any,
+    /// went with the old directory). Recorded through the log, this bound cannot be moved by a
+    /// deposed leader still sending appends from a minority.
+    Rejoin {
+        /// The node.
+        node: NodeId,
+        /// Tells this process's announcement from earlier ones.
+        incarnation: u64,
     },
     /// Mark a node live or dead (decided by the metadata leader's failure detector).
     SetNodeLive {
@@ -133,6 +145,11 @@ pub enum Outcome {
     Unchanged,
     /// A node was added or updated.
     NodeRegistered,
+    /// A node's rejoin was recorded: segments from `first_new` on opened after it started.
+    Rejoined {
+        /// The first segment id opened after the node's announcement.
+        first_new: SegmentId,
+    },
     /// A node's liveness changed.
     NodeLiveChanged,
     /// A topic was created; its first segment is led by `leader`.
@@ -371,6 +388,17 @@ pub struct Metadata {
     next_segment_id: u64,
     nodes: BTreeMap<NodeId, NodeInfo>,
     topics: BTreeMap<String, TopicMeta>,
+    /// The latest [`Command::Rejoin`] of each node that sent one.
+    rejoins: BTreeMap<NodeId, Rejoin>,
+}
+
+/// A node's latest [`Command::Rejoin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rejoin {
+    /// The announcing process's incarnation.
+    pub incarnation: u64,
+    /// The next segment id when it applied: every segment from it on opened afterwards.
+    pub first_new: SegmentId,
 }
 
 impl Default for Metadata {
@@ -387,7 +415,13 @@ impl Metadata {
             next_segment_id: 0,
             nodes: BTreeMap::new(),
             topics: BTreeMap::new(),
+            rejoins: BTreeMap::new(),
         }
+    }
+
+    /// The latest [`Command::Rejoin`] of `node`, if it ever sent one.
+    pub fn rejoin_of(&self, node: NodeId) -> Option<Rejoin> {
+        self.rejoins.get(&node).copied()
     }
 
     /// Registered nodes.
@@ -424,6 +458,25 @@ impl Metadata {
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, Rejection> {
         match cmd {
             Command::RegisterNode { node, addr } => self.register_node(*node, addr),
+            Command::Rejoin { node, incarnation } => {
+                if !self.rejoins.contains_key(node) && self.rejoins.len() >= NODES_MAX {
+                    return Err(Rejection::TooManyNodes);
+                }
+                let rejoin = Rejoin {
+                    incarnation: *incarnation,
+                    first_new: SegmentId(self.next_segment_id),
+                };
+                match self.rejoins.insert(*node, rejoin) {
+                    // The same announcement again (a retried proposal): the first one stands.
+                    Some(old) if old.incarnation == *incarnation => {
+                        self.rejoins.insert(*node, old);
+                        Ok(Outcome::Unchanged)
+                    }
+                    _ => Ok(Outcome::Rejoined {
+                        first_new: rejoin.first_new,
+                    }),
+                }
+            }
             Command::SetNodeLive { node, live } => {
                 let info = self.nodes.get_mut(node).ok_or(Rejection::UnknownNode)?;
                 if info.live == *live {
@@ -556,6 +609,19 @@ impl Metadata {
     /// Checks every structural invariant; `Err` names the first one broken. Used after decoding
     /// a snapshot and by the tests and models after every step.
     pub fn check_invariants(&self) -> Result<(), String> {
+        if self.rejoins.len() > NODES_MAX {
+            return Err("too many rejoins".into());
+        }
+        if let Some((n, _)) = self
+            .rejoins
+            .iter()
+            .find(|(_, r)| r.first_new.0 > self.next_segment_id)
+        {
+            return Err(format!(
+                "node {}: rejoin bound past the next segment id",
+                n.0
+            ));
+        }
         for (name, t) in &self.topics {
             let Some(last) = t.segments.last() else {
                 return Err(format!("topic {name} has no segment"));

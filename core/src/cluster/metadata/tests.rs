@@ -307,6 +307,41 @@ fn register_node_limits_address_length() {
 }
 
 #[test]
+fn a_rejoin_records_the_next_segment_id_once_per_incarnation() {
+    let mut m = cluster(3);
+    assert_eq!(m.rejoin_of(NodeId(2)), None);
+    create(&mut m, "t");
+    let first = m.next_segment_id();
+    let rejoin = |incarnation| Command::Rejoin {
+        node: NodeId(2),
+        incarnation,
+    };
+    assert_eq!(
+        m.apply(&rejoin(7)),
+        Ok(Outcome::Rejoined { first_new: first })
+    );
+    m.apply(&seal("t", 0, 0, 2)).unwrap();
+    assert!(m.next_segment_id() > first);
+    // A retried proposal of the same process changes nothing: its bound stays the first.
+    assert_eq!(m.apply(&rejoin(7)), Ok(Outcome::Unchanged));
+    assert_eq!(
+        m.rejoin_of(NodeId(2)),
+        Some(Rejoin {
+            incarnation: 7,
+            first_new: first
+        })
+    );
+    // A later process (wiped again) gets the bound of its own announcement.
+    let now = m.next_segment_id();
+    assert_eq!(
+        m.apply(&rejoin(8)),
+        Ok(Outcome::Rejoined { first_new: now })
+    );
+    let bytes = m.encode_snapshot();
+    assert_eq!(Metadata::decode_snapshot(&bytes).unwrap(), m);
+}
+
+#[test]
 fn snapshot_round_trips_and_rejects_bad_versions() {
     let mut m = cluster(3);
     create(&mut m, "t");
@@ -356,6 +391,10 @@ fn arb_command() -> impl Strategy<Value = Command> {
         (1u64..5).prop_map(|n| Command::RegisterNode {
             node: NodeId(n),
             addr: format!("h{n}")
+        }),
+        (1u64..5, 0u64..3).prop_map(|(n, incarnation)| Command::Rejoin {
+            node: NodeId(n),
+            incarnation
         }),
         (1u64..5, any::<bool>()).prop_map(|(n, live)| Command::SetNodeLive {
             node: NodeId(n),

@@ -1215,8 +1215,16 @@ impl<D: Disk> Engine<D> {
                 let len = seg.file.len()?;
                 if scan.dirty_end > scan.valid_len {
                     write_zeros(&*seg.file, scan.valid_len, scan.dirty_end)?;
-                    seg.file.sync_data()?;
                 }
+                // The process that created this segment may have stopped after its sync
+                // failed (its creation then failed, but the file stayed): a failed fsync may
+                // drop dirty pages the cache still serves, and the directory entry was never
+                // synced. Write the header again and sync it and the entry before anything is
+                // appended here, or a power loss could take the file with every entry
+                // acknowledged after this start (Tier B seed 1196: a node's Raft log).
+                seg.file.write_all_at(&encode_segment_header(seg.base), 0)?;
+                seg.file.sync_data()?;
+                self.disk.sync_dir(&dir)?;
                 (scan.valid_len, len)
             }
             _ => {

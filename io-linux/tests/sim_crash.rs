@@ -449,3 +449,59 @@ fn crash_recovery_over_many_seeds() {
         );
     }
 }
+
+/// A topic whose first segment was created by a process whose sync then failed (so the file's
+/// directory entry was never synced) and that stopped there: the next process appends to that
+/// file, every append acknowledged. A power loss must not drop the file with them (found by the
+/// Tier B simulation, seed 1196: a node's whole Raft log vanished this way).
+#[test]
+fn a_segment_whose_creation_failed_to_sync_survives_a_crash_after_reopening() {
+    for inline_commit in [false, true] {
+        let disk = Arc::new(SimDisk::new(7, SimFaults::default()));
+        let open = || {
+            Walrus::builder()
+                .data_dir(ROOT)
+                .fsync_schedule(FsyncSchedule::SyncEach)
+                .inline_commit(inline_commit)
+                .build_on(disk.clone())
+        };
+        let wal = open().unwrap();
+        disk.set_faults(SimFaults {
+            sync_error: 1.0,
+            ..SimFaults::default()
+        });
+        assert!(wal.append_for_topic("alpha", b"never").is_err());
+        drop(wal);
+        // The process stops; the machine does not (the directory entry stays in the cache).
+        disk.set_faults(SimFaults::default());
+        let wal = open().unwrap();
+        let fail_one = |on: bool| {
+            disk.set_faults(SimFaults {
+                sync_error: if on { 1.0 } else { 0.0 },
+                ..SimFaults::default()
+            })
+        };
+        for i in 0..10u32 {
+            wal.append_for_topic("alpha", &i.to_le_bytes()).unwrap();
+        }
+        // A failed sync makes the next commit checkpoint first: the segment file is synced
+        // and the journal, which also held the entries, starts over.
+        fail_one(true);
+        assert!(wal.append_for_topic("alpha", b"failed").is_err());
+        fail_one(false);
+        for i in 10..20u32 {
+            wal.append_for_topic("alpha", &i.to_le_bytes()).unwrap();
+        }
+        drop(wal);
+        disk.crash();
+        disk.restart();
+        let wal = open().unwrap();
+        for i in 0..20u32 {
+            let e = wal
+                .read_next("alpha", true)
+                .unwrap()
+                .expect("an acknowledged entry");
+            assert_eq!(e.data, i.to_le_bytes(), "inline_commit {inline_commit}");
+        }
+    }
+}

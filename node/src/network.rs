@@ -54,6 +54,11 @@ impl Network {
         })
     }
 
+    /// A peer that refused the request for now: a network error, so openraft retries.
+    fn refused<E: std::error::Error>(why: String) -> RPCError<u64, BasicNode, E> {
+        RPCError::Network(NetworkError::new(&std::io::Error::other(why)))
+    }
+
     fn mismatch<E: std::error::Error>() -> RPCError<u64, BasicNode, E> {
         let e = std::io::Error::new(std::io::ErrorKind::InvalidData, "mismatched rpc response");
         RPCError::Network(NetworkError::new(&e))
@@ -70,6 +75,8 @@ impl RaftNetwork<TypeConfig> for Network {
             RpcResponse::AppendEntries(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
+            // Not taken from this leader now (a node that started empty), as if unreachable.
+            RpcResponse::Refused(why) => Err(Self::refused(why)),
             _ => Err(Self::mismatch()),
         }
     }
@@ -83,6 +90,7 @@ impl RaftNetwork<TypeConfig> for Network {
             RpcResponse::InstallSnapshot(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
+            RpcResponse::Refused(why) => Err(Self::refused(why)),
             _ => Err(Self::mismatch()),
         }
     }
@@ -93,9 +101,7 @@ impl RaftNetwork<TypeConfig> for Network {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             // No vote from this peer this time, as if it were unreachable.
-            RpcResponse::Refused(why) => Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(why),
-            ))),
+            RpcResponse::Refused(why) => Err(Self::refused(why)),
             _ => Err(Self::mismatch()),
         }
     }

@@ -179,6 +179,9 @@ pub struct Node {
     tainted: Mutex<BTreeSet<(SegmentId, u64)>>,
     /// Which segments may predate this process (see `Boot`).
     boot: Mutex<Boot>,
+    /// For a node that started empty: the lowest Raft term it takes appends from, once
+    /// learned (`Node::learn_raft_floor`).
+    raft_floor: Mutex<Option<u64>>,
 }
 
 /// Segments opened after this process started cannot have been led by an earlier process of
@@ -482,6 +485,7 @@ impl Node {
             cleared: Mutex::default(),
             taking_up: Mutex::default(),
             tainted: Mutex::default(),
+            raft_floor: Mutex::new(None),
             boot: Mutex::new(Boot {
                 index: boot_index,
                 first_new: None,
@@ -1869,7 +1873,6 @@ impl Node {
                 .is_none_or(|r| r.incarnation != incarnation)
     }
 
-
     /// Announces this process's start with an empty data directory (`Command::Rejoin`),
     /// until the metadata has it.
     pub async fn announce_rejoin(&self) -> Result<(), Failure> {
@@ -1885,6 +1888,68 @@ impl Node {
     /// `NodeConfig::started_empty`).
     fn lost_since_open(&self, seg: SegmentId) -> bool {
         self.cfg.started_empty && !self.opened_since_start(seg)
+    }
+
+    /// Whether a Raft append (or snapshot) from a leader of `term` may be taken here.
+    ///
+    /// A node that started empty forgot its vote and every term it saw. A deposed leader of
+    /// an older term, still sending from what was a minority, would find it willing, and with
+    /// its acknowledgement could commit entries over ones a newer term committed with this
+    /// node's earlier help (Tier B seed 1422: two committed metadata logs). So it takes appends
+    /// only from a term no lower than the highest that enough other voters report
+    /// (`learn_raft_floor`): those meet every majority that committed anything. Once it took
+    /// one, its own persisted vote refuses older terms, as for any node.
+    pub fn takes_raft_append(&self, term: u64) -> bool {
+        !self.cfg.started_empty || lock(&self.raft_floor).is_some_and(|floor| term >= floor)
+    }
+
+    /// Learns the floor of `takes_raft_append`: asks `seed` (a peer's RPC address) for the
+    /// voters, then every voter but this node for its Raft term, until
+    /// `recovery::fence_quorum(voters)` of them answered (the fewest that meet every majority
+    /// of the voters in a node other than this one). Returns the floor (the highest term
+    /// heard).
+    pub async fn learn_raft_floor(&self, seed: &str) -> Result<u64, Failure> {
+        let timeout = Duration::from_secs(1);
+        let ask = |addr: String| async move {
+            match self
+                .peers
+                .get(&addr)
+                .call(&RpcRequest::RaftTerm, timeout)
+                .await
+            {
+                Ok(RpcResponse::RaftTerm { term, voters }) => Ok((term, voters)),
+                Ok(_) => Err("mismatched rpc response".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let (seed_term, voters) = ask(seed.to_string()).await?;
+        let need = walrus_core::cluster::recovery::fence_quorum(voters.len());
+        let others: Vec<String> = voters
+            .iter()
+            .filter(|(id, _)| *id != self.cfg.id)
+            .map(|(_, addr)| addr.clone())
+            .collect();
+        let answers = futures_util::future::join_all(others.into_iter().map(ask)).await;
+        let terms: Vec<u64> = answers
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|(t, _)| t)
+            .collect();
+        if terms.len() < need {
+            return Err(format!(
+                "{} of {} voters answered; {need} needed",
+                terms.len(),
+                voters.len()
+            ));
+        }
+        let floor = terms
+            .into_iter()
+            .chain([seed_term])
+            .max()
+            .unwrap_or(seed_term);
+        *lock(&self.raft_floor) = Some(floor);
+        tracing::info!(floor, "raft appends taken from this term on");
+        Ok(floor)
     }
 
     /// Whether this node's Raft log holds everything committed before it started: always,

@@ -134,6 +134,9 @@ pub enum RpcRequest {
         /// The new leader's Raft term.
         term: u64,
     },
+    /// A node that started empty asks for this node's Raft term and the voters it knows,
+    /// before it takes any Raft append (see `Node::takes_raft_append`).
+    RaftTerm,
 }
 
 /// One segment in a [`RpcRequest::LeaseGrant`].
@@ -186,6 +189,13 @@ pub enum RpcResponse {
     /// Milliseconds since this node last heard from a metadata leader; `None` while it has
     /// not yet seen the asker's term.
     LeaderContact(Option<u64>),
+    /// This node's current Raft term and the voters of its membership (id, RPC address).
+    RaftTerm {
+        /// The term of its vote.
+        term: u64,
+        /// The voters, in id order.
+        voters: Vec<(u64, String)>,
+    },
 }
 
 /// What a replica holds of a segment after a `Replicate`.
@@ -672,6 +682,25 @@ mod tests {
             let frame = encode_frame(&RpcResponse::LeaseGrant(Ok(answers.clone()))).unwrap();
             match decode_body::<RpcResponse>(&frame[4..]).unwrap() {
                 RpcResponse::LeaseGrant(got) => prop_assert_eq!(got, Ok(answers)),
+                other => prop_assert!(false, "decoded {:?}", other),
+            }
+            for cut in 4..frame.len() {
+                prop_assert!(decode_body::<RpcResponse>(&frame[4..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn raft_terms_round_trip_and_every_truncation_is_an_error(
+            term in any::<u64>(),
+            voters in prop::collection::vec((any::<u64>(), "[a-z0-9.:]{0,20}"), 0..10),
+        ) {
+            let frame = encode_frame(&RpcResponse::RaftTerm { term, voters: voters.clone() })
+                .unwrap();
+            match decode_body::<RpcResponse>(&frame[4..]).unwrap() {
+                RpcResponse::RaftTerm { term: t, voters: v } => {
+                    prop_assert_eq!(t, term);
+                    prop_assert_eq!(v, voters);
+                }
                 other => prop_assert!(false, "decoded {:?}", other),
             }
             for cut in 4..frame.len() {

@@ -300,10 +300,17 @@ pub async fn serve_rpc(node: Arc<Node>, listener: TcpListener) {
     }
 }
 
+/// Why a node that started empty refuses a Raft append (see `Node::takes_raft_append`).
+const RAFT_FLOOR_REFUSAL: &str =
+    "this node started empty and takes raft appends only from a term a majority has reached";
+
 async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
     let raft = node.raft();
     match req {
         RpcRequest::AppendEntries(r) => {
+            if !node.takes_raft_append(r.vote.leader_id.term) {
+                return RpcResponse::Refused(RAFT_FLOOR_REFUSAL.into());
+            }
             node.note_leader_contact(r.vote.leader_id.term);
             node.note_leader_commit(
                 r.leader_commit.map(|l| (l.leader_id.term, l.index)),
@@ -323,6 +330,9 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             }
         }
         RpcRequest::InstallSnapshot(r) => {
+            if !node.takes_raft_append(r.vote.leader_id.term) {
+                return RpcResponse::Refused(RAFT_FLOOR_REFUSAL.into());
+            }
             node.note_leader_contact(r.vote.leader_id.term);
             RpcResponse::InstallSnapshot(raft.install_snapshot(r).await)
         }
@@ -382,5 +392,23 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             node.local_entry_count(&topic, walrus_core::cluster::SegmentId(segment)),
         ),
         RpcRequest::LeaderContact { term } => RpcResponse::LeaderContact(node.leader_contact(term)),
+        RpcRequest::RaftTerm => {
+            let m = raft.metrics().borrow().clone();
+            let voters = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter_map(|id| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&id)
+                        .map(|n| (id, n.addr.clone()))
+                })
+                .collect();
+            RpcResponse::RaftTerm {
+                term: m.current_term,
+                voters,
+            }
+        }
     }
 }

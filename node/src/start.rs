@@ -184,7 +184,12 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
                 Err(e) => return Err(format!("cannot initialize raft: {e}")),
             }
         }
-        Some(addr) => join(&node, addr, &raft_advertise, &client_advertise).await?,
+        Some(addr) => {
+            if started_empty {
+                learn_raft_floor(&node, addr).await?;
+            }
+            join(&node, addr, &raft_advertise, &client_advertise).await?
+        }
     }
     // Register (or refresh) this node's address once a leader exists; retried until it works.
     {
@@ -290,6 +295,22 @@ async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Re
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(format!("could not join via {addr}: {last}"))
+}
+
+/// A node that started empty learns the lowest Raft term it may take appends from (see
+/// `Node::takes_raft_append`) before it joins: retried until enough voters answer.
+async fn learn_raft_floor(node: &Node, addr: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..600 {
+        match node.learn_raft_floor(addr).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "could not learn the raft term of a majority via {addr}: {last}"
+    ))
 }
 
 /// The node id is stored next to the data: a data directory never changes hands silently.

@@ -297,12 +297,7 @@ fn failover_a_wiped_node_rejoins_and_is_repopulated() {
     nodes[0].kill();
     let mut c3 = nodes[2].client();
     wait_metadata_leader_not(&mut c3, &[1]);
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < acked.len() && Instant::now() < deadline {
-        got.extend(drain(&mut c3, "wp", 100));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = drain_until(&mut c3, "wp", acked.len());
     assert_eq!(got, acked);
 }
 
@@ -346,12 +341,7 @@ fn failover_a_wiped_open_segment_leader_does_not_take_its_segment_up_again() {
         metric_sum(&others, "failovers") >= 1,
         "the wiped leader's segment was not failed over"
     );
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < acked.len() && Instant::now() < deadline {
-        got.extend(drain(&mut c, "wl", 100));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let got = drain_until(&mut c, "wl", acked.len());
     assert_eq!(got, acked);
 }
 
@@ -422,12 +412,7 @@ fn failover_a_wiped_replica_does_not_count_in_a_recovery() {
     std::thread::sleep(Duration::from_secs(6));
     nodes[l].restart();
     let mut cx = nodes[x as usize - 1].client();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < acked.len() && Instant::now() < deadline {
-        got.extend(drain(&mut cx, "wr", 1000));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = drain_until(&mut cx, "wr", acked.len());
     assert_eq!(got, acked);
 }
 
@@ -508,12 +493,7 @@ fn failover_sealed_segments_of_a_node_that_stays_down_move_to_another_node() {
     }
     let mut cz = nodes[moved_to as usize - 1].client();
     wait_metadata_leader_not(&mut cz, &originals);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut got = Vec::new();
-    while got.len() < acked.len() && Instant::now() < deadline {
-        got.extend(drain(&mut cz, "mv", 100));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = drain_until(&mut cz, "mv", acked.len());
     assert_eq!(got, acked, "segment 0 moved from {victim} to {moved_to}");
 }
 
@@ -656,11 +636,6 @@ fn durability_levels_per_request_and_quorum_memory_survives_a_leader_kill() {
     wait_metadata_leader_not(&mut cs, &[leader]);
     ok(eventually(&mut cs, b"PUT dl after"));
     acked.push(b"after".to_vec());
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < acked.len() && Instant::now() < deadline {
-        got.extend(drain(&mut cs, "dl", 100));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let got = drain_until(&mut cs, "dl", acked.len());
     assert_eq!(got, acked);
 }

@@ -219,6 +219,16 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a leader that lost its disk took its open segment up again, unchecked, on a boot \
          index from a deposed Raft leader's append",
     ),
+    (
+        1422,
+        "a node that lost its disk took Raft appends from a deposed leader, which then \
+         committed over entries a newer term had committed with the node's earlier help",
+    ),
+    (
+        1196,
+        "a segment file whose creation failed to sync was adopted by the next process: a \
+         power loss then took a node's whole Raft log",
+    ),
 ];
 
 #[test]

@@ -208,6 +208,18 @@ pub fn drain(c: &mut Client, topic: &str, max: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// GETs from `c` until `want` payloads came back or 60 s passed: an `EMPTY` in between (while
+/// restarted nodes catch up, or a failover runs) only pauses for 200 ms.
+pub fn drain_until(c: &mut Client, topic: &str, want: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < want && Instant::now() < deadline {
+        got.extend(drain(c, topic, 1000));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    got
+}
+
 /// The leader of the open segment of `topic`, from `STATE`.
 pub fn open_leader(c: &mut Client, topic: &str) -> u64 {
     let state =

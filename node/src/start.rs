@@ -191,33 +191,19 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
             join(&node, addr, &raft_advertise, &client_advertise).await?
         }
     }
-    // Register (or refresh) this node's address once a leader exists; retried until it works.
-    {
-        let node = node.clone();
-        tokio::spawn(async move {
-            for attempt in 0u32..600 {
-                match node.register_self().await {
-                    Ok(()) => return,
-                    Err(e) => tracing::debug!(attempt, error = %e, "registration pending"),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            tracing::error!("could not register this node in the metadata");
-        });
-    }
+    // Register (or refresh) this node's address once a leader exists.
+    retry_in_background(
+        "register this node in the metadata",
+        node.clone(),
+        |n| async move { n.register_self().await },
+    );
     if started_empty {
         // Until the metadata records this start, every segment counts as older than it.
-        let node = node.clone();
-        tokio::spawn(async move {
-            for attempt in 0u32..600 {
-                match node.announce_rejoin().await {
-                    Ok(()) => return,
-                    Err(e) => tracing::debug!(attempt, error = %e, "rejoin announcement pending"),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            tracing::error!("could not announce this node's rejoin in the metadata");
-        });
+        retry_in_background(
+            "announce this node's rejoin",
+            node.clone(),
+            |n| async move { n.announce_rejoin().await },
+        );
     }
     if started_empty {
         let node = node.clone();
@@ -295,6 +281,24 @@ async fn join(node: &Node, addr: &str, raft_addr: &str, client_addr: &str) -> Re
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(format!("could not join via {addr}: {last}"))
+}
+
+/// Runs `attempt` on a task until it succeeds: every 200 ms, for up to two minutes.
+fn retry_in_background<F, Fut>(what: &'static str, node: Arc<Node>, attempt: F)
+where
+    F: Fn(Arc<Node>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    tokio::spawn(async move {
+        for round in 0u32..600 {
+            match attempt(node.clone()).await {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(round, error = %e, "pending: {what}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tracing::error!("could not {what}");
+    });
 }
 
 /// A node that started empty learns the lowest Raft term it may take appends from (see

@@ -1923,6 +1923,9 @@ impl Node {
             }
         };
         let (seed_term, voters) = ask(seed.to_string()).await?;
+        if voters.len() > walrus_core::cluster::metadata::NODES_MAX {
+            return Err(format!("{seed} named {} voters", voters.len()));
+        }
         let need = walrus_core::cluster::recovery::fence_quorum(voters.len());
         let others: Vec<String> = voters
             .iter()

@@ -103,9 +103,14 @@ pub struct NodeConfig {
     /// started (`LOST`): counted in a quorum, an empty copy could hide acknowledged entries,
     /// and a forgotten fence could let a deposed leader acknowledge again.
     pub started_empty: bool,
-    /// Drawn at random for this process: a node that started empty announces it in its
+    /// Drawn at random when the node started empty (kept in its data directory until it has
+    /// caught up, so a restart before then reuses it): it announces it in its
     /// `Command::Rejoin`, and reads its own bound back from the metadata by it.
     pub incarnation: u64,
+    /// For a node that once started empty and has since caught up: the bound its `Rejoin`
+    /// recorded. Every segment below it may predate that start, so the node still answers
+    /// their writes and fences with `LOST` after any later restart.
+    pub lost_before: Option<u64>,
 }
 
 /// Counters reported by `METRICS`.
@@ -457,7 +462,11 @@ impl Node {
             .build_on(disk)?;
         let fences = load_fences(&data)?;
         let lease_cfg = LeaseConfig::for_lease(cfg.lease_ms);
-        let boot_index = raft.metrics().borrow().last_log_index.filter(|&i| i > 0);
+        // A node that started empty and restarted before it caught up has a partial log: its
+        // boot index comes from the first append, as at its first start.
+        let boot_index = (!cfg.started_empty)
+            .then(|| raft.metrics().borrow().last_log_index.filter(|&i| i > 0))
+            .flatten();
         if let Some(i) = boot_index {
             // (If openraft applied past it already, the id then: the cautious side.)
             sm.watch_index(i);
@@ -1865,12 +1874,16 @@ impl Node {
     /// Whether this node started empty and its `Command::Rejoin` is not applied here yet: it
     /// cannot tell yet which segments opened after its start.
     fn rejoin_pending(&self) -> bool {
+        self.cfg.started_empty && self.rejoin_bound().is_none()
+    }
+
+    /// The bound this process's `Command::Rejoin` recorded, once applied here.
+    pub fn rejoin_bound(&self) -> Option<SegmentId> {
         let (me, incarnation) = (self.me(), self.cfg.incarnation);
-        self.cfg.started_empty
-            && self
-                .sm
-                .read(|m| m.rejoin_of(me))
-                .is_none_or(|r| r.incarnation != incarnation)
+        self.sm
+            .read(|m| m.rejoin_of(me))
+            .filter(|r| r.incarnation == incarnation)
+            .map(|r| r.first_new)
     }
 
     /// Announces this process's start with an empty data directory (`Command::Rejoin`),
@@ -1887,7 +1900,8 @@ impl Node {
     /// Whether this node started empty and `seg` may predate it (see
     /// `NodeConfig::started_empty`).
     fn lost_since_open(&self, seg: SegmentId) -> bool {
-        self.cfg.started_empty && !self.opened_since_start(seg)
+        (self.cfg.started_empty && !self.opened_since_start(seg))
+            || self.cfg.lost_before.is_some_and(|b| seg.0 < b)
     }
 
     /// Whether a Raft append (or snapshot) from a leader of `term` may be taken here.

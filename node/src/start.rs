@@ -1,7 +1,7 @@
 //! Starting a node: flags, the data directory, Raft, listeners and background loops.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,8 +94,9 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", args.data_dir.display()))?;
     // A node joining with an empty data directory (new, or its disk was lost) may have voted
     // and acknowledged before, as the same id: it holds none of that now (see
-    // `NodeConfig::started_empty`).
-    let started_empty = check_node_id(&*disk, &args)? && args.join.is_some();
+    // `NodeConfig::started_empty`). It stays so across restarts until it has caught up.
+    let rejoin = open_data_dir(&*disk, &args)?;
+    let started_empty = args.join.is_some() && rejoin.is_some_and(|r| r.lost_before.is_none());
     let raft_advertise = format!(
         "{}:{}",
         args.raft_advertise_host
@@ -162,10 +163,11 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         lease_ms: args.lease_ms,
         re_replicate_after: Duration::from_millis(args.re_replicate_after_ms),
         started_empty,
-        incarnation: draw_incarnation(),
+        incarnation: rejoin.map_or(0, |r| r.incarnation),
+        lost_before: rejoin.and_then(|r| r.lost_before),
     };
     let node = Arc::new(
-        Node::new(cfg, raft.clone(), sm, disk)
+        Node::new(cfg, raft.clone(), sm, disk.clone())
             .map_err(|e| format!("cannot open segment store: {e}"))?,
     );
     #[cfg(madsim)]
@@ -206,13 +208,32 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         );
     }
     if started_empty {
-        let node = node.clone();
+        let (node, disk, dir) = (node.clone(), disk.clone(), args.data_dir.clone());
         tokio::spawn(async move {
             while !node.raft_caught_up() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             node.raft().runtime_config().elect(true);
             tracing::info!("the raft log caught up: this node votes and stands for election");
+            // From here a restart is an ordinary one, but for the segments that predate it.
+            let lost_before = loop {
+                if let Some(b) = node.rejoin_bound() {
+                    break b;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let done = RejoinRecord {
+                incarnation: node.config().incarnation,
+                lost_before: Some(lost_before.0),
+            };
+            for round in 0u32..600 {
+                match write_rejoin(&*disk, &dir, &done) {
+                    Ok(()) => return,
+                    Err(e) => tracing::debug!(round, error = %e, "pending: record the rejoin"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::error!("could not record the rejoin in the data directory");
         });
     }
     tokio::spawn(node.clone().commit_report_loop());
@@ -317,8 +338,92 @@ async fn learn_raft_floor(node: &Node, addr: &str) -> Result<(), String> {
     ))
 }
 
+/// A node that started with an empty data directory and joined records that in
+/// `<data dir>/rejoin`, before its node id: while `lost_before` is unset it has not caught up
+/// yet, and a restart is as cautious as its first start (`NodeConfig::started_empty`), under
+/// the same incarnation. Once set, segments below it stay lost to this node
+/// (`NodeConfig::lost_before`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RejoinRecord {
+    incarnation: u64,
+    lost_before: Option<u64>,
+}
+
+const REJOIN_FILE: &str = "rejoin";
+const REJOIN_FILE_MAX_BYTES: u64 = 128;
+
+impl RejoinRecord {
+    fn encode(&self) -> String {
+        match self.lost_before {
+            None => format!("incarnation={}\n", self.incarnation),
+            Some(b) => format!("incarnation={}\nlost-before={b}\n", self.incarnation),
+        }
+    }
+
+    fn decode(text: &[u8]) -> Option<RejoinRecord> {
+        // Every line ends in a newline: a record cut short (in the middle of a number) is none.
+        let text = std::str::from_utf8(text).ok()?.strip_suffix('\n')?;
+        let mut lines = text.lines();
+        let incarnation = lines.next()?.strip_prefix("incarnation=")?.parse().ok()?;
+        let lost_before = match lines.next() {
+            None => None,
+            Some(l) => Some(l.strip_prefix("lost-before=")?.parse().ok()?),
+        };
+        lines.next().is_none().then_some(RejoinRecord {
+            incarnation,
+            lost_before,
+        })
+    }
+}
+
+/// Writes the rejoin record durably (a whole new file renamed over the old one).
+fn write_rejoin<D: Disk>(disk: &D, dir: &Path, record: &RejoinRecord) -> std::io::Result<()> {
+    let tmp = dir.join("rejoin.tmp");
+    let file = disk.open(&tmp, true)?;
+    file.set_len(0)?;
+    file.write_all_at(record.encode().as_bytes(), 0)?;
+    file.sync_data()?;
+    disk.rename(&tmp, &dir.join(REJOIN_FILE))?;
+    disk.sync_dir(dir)
+}
+
+/// Checks the data directory's node id, claiming a new directory for this node, and returns
+/// its rejoin record, if any (one is made now for a new directory when joining).
+fn open_data_dir<D: Disk>(disk: &D, args: &Args) -> Result<Option<RejoinRecord>, String> {
+    let dir = &args.data_dir;
+    if !check_node_id(disk, args)? {
+        let path = dir.join(REJOIN_FILE);
+        let file = match disk.open(&path, false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        };
+        let len = file
+            .len()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if len > REJOIN_FILE_MAX_BYTES {
+            return Err(format!("{} is not a rejoin record", path.display()));
+        }
+        let bytes = file
+            .read_all()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        return RejoinRecord::decode(&bytes)
+            .map(Some)
+            .ok_or_else(|| format!("{} is not a rejoin record", path.display()));
+    }
+    let record = args.join.is_some().then(|| RejoinRecord {
+        incarnation: draw_incarnation(),
+        lost_before: None,
+    });
+    if let Some(r) = &record {
+        write_rejoin(disk, dir, r).map_err(|e| format!("cannot write the rejoin record: {e}"))?;
+    }
+    claim_node_id(disk, args)?;
+    Ok(record)
+}
+
 /// The node id is stored next to the data: a data directory never changes hands silently.
-/// Returns whether the directory was new (its id file written now).
+/// Returns whether the directory is new (no id written yet).
 fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<bool, String> {
     const ID_FILE_MAX_BYTES: u64 = 64;
     let path = args.data_dir.join("node-id");
@@ -329,14 +434,8 @@ fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<bool, String> {
         .len()
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if len == 0 {
-        // New (or created but never written before a crash): claim it, durably.
-        let text = format!("{}\n", args.node_id);
-        return file
-            .write_all_at(text.as_bytes(), 0)
-            .and_then(|()| file.sync_data())
-            .and_then(|()| disk.sync_dir(&args.data_dir))
-            .map(|()| true)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()));
+        // New (or created but never written before a crash).
+        return Ok(true);
     }
     if len > ID_FILE_MAX_BYTES {
         return Err(format!("{} is not a node id file", path.display()));
@@ -358,6 +457,19 @@ fn check_node_id<D: Disk>(disk: &D, args: &Args) -> Result<bool, String> {
     }
 }
 
+/// Claims a new data directory for this node, durably.
+fn claim_node_id<D: Disk>(disk: &D, args: &Args) -> Result<(), String> {
+    let path = args.data_dir.join("node-id");
+    let text = format!("{}\n", args.node_id);
+    disk.open(&path, true)
+        .and_then(|file| {
+            file.write_all_at(text.as_bytes(), 0)?;
+            file.sync_data()
+        })
+        .and_then(|()| disk.sync_dir(&args.data_dir))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// A random number for `NodeConfig::incarnation` (the simulator's seeded one under madsim).
 fn draw_incarnation() -> u64 {
     #[cfg(madsim)]
@@ -368,5 +480,40 @@ fn draw_incarnation() -> u64 {
     #[cfg(not(madsim))]
     {
         rand::random()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_rejoin_record_reads_back_as_written(
+            incarnation in any::<u64>(),
+            lost_before in proptest::option::of(any::<u64>()),
+        ) {
+            let r = RejoinRecord { incarnation, lost_before };
+            prop_assert_eq!(RejoinRecord::decode(r.encode().as_bytes()), Some(r));
+        }
+
+        #[test]
+        fn any_bytes_decode_to_a_record_or_none(
+            bytes in proptest::collection::vec(any::<u8>(), 0..REJOIN_FILE_MAX_BYTES as usize),
+        ) {
+            let _ = RejoinRecord::decode(&bytes);
+        }
+
+        #[test]
+        fn a_torn_record_is_refused(incarnation in any::<u64>(), b in any::<u64>(), cut in 1usize..20) {
+            let text = RejoinRecord { incarnation, lost_before: Some(b) }.encode();
+            let torn = &text.as_bytes()[..text.len().saturating_sub(cut)];
+            // (The file is replaced by rename, so this is belt and braces.) Cut after the first
+            // line, it is the record before the rejoin was done: the cautious reading.
+            if let Some(r) = RejoinRecord::decode(torn) {
+                prop_assert_eq!(r, RejoinRecord { incarnation, lost_before: None });
+            }
+        }
     }
 }

@@ -313,12 +313,14 @@ async fn drive(cfg: ClusterConfig) -> ClusterReport {
         skewed: BTreeSet::new(),
         counts: BTreeMap::new(),
         pending_restarts: Vec::new(),
+        rekill_wiped: None,
+        pending_kills: Vec::new(),
     };
     let safety_end = world.start.elapsed() + Duration::from_secs(cfg.safety_secs);
     while world.start.elapsed() < safety_end && !world.failed() {
         let every = cfg.fault_every_ms;
         let wait = faults.rng.range(every / 2, every * 3 / 2);
-        sleep(Duration::from_millis(wait)).await;
+        faults.wait(wait).await;
         faults.heal_due();
         faults.inject();
     }
@@ -459,6 +461,11 @@ struct Faults {
     counts: BTreeMap<ClusterFault, u64>,
     /// Killed nodes and when (simulated ms) they come back.
     pending_restarts: Vec<(u64, usize)>,
+    /// The wiped node, when it is to be killed again soon after it comes back (before it can
+    /// have caught up: its next start must be as cautious as the first).
+    rekill_wiped: Option<usize>,
+    /// Nodes to kill (if up) and when (simulated ms).
+    pending_kills: Vec<(u64, usize)>,
 }
 
 impl Faults {
@@ -489,21 +496,11 @@ impl Faults {
                     .filter(|&i| !wipe || i != 0)
                     .collect();
                 let i = up[self.rng.below(up.len())];
-                // The disk loses power first, so the dying node cannot sync anything more.
-                self.disks[i].crash();
-                self.handle.kill(self.nodes[i]);
-                if wipe {
-                    self.disks[i].wipe();
-                    self.world.wiped.lock().unwrap().insert(i as u64 + 1);
-                }
-                self.world.down.lock().unwrap().insert(i);
                 let back = now + self.rng.range(500, 5_000);
-                self.pending_restarts.push((back, i));
-                self.world.trace(format!(
-                    "fault: {} node {}",
-                    if wipe { "wipe" } else { "kill" },
-                    i + 1
-                ));
+                self.kill(i, wipe, back);
+                if wipe && self.rng.range(0, 1) == 1 {
+                    self.rekill_wiped = Some(i);
+                }
             }
             ClusterFault::Partition | ClusterFault::AsymmetricPartition => {
                 let size = self.rng.range(1, (n - 1) as u64) as usize;
@@ -591,6 +588,61 @@ impl Faults {
 
     /// Heals the network and disk faults that are older than a moment, and restarts the killed
     /// nodes that are due.
+    /// Kills node `i` (wiping its disk if `wipe`) until simulated time `back`.
+    fn kill(&mut self, i: usize, wipe: bool, back: u64) {
+        // The disk loses power first, so the dying node cannot sync anything more.
+        self.disks[i].crash();
+        self.handle.kill(self.nodes[i]);
+        if wipe {
+            self.disks[i].wipe();
+            self.world.wiped.lock().unwrap().insert(i as u64 + 1);
+        }
+        self.world.down.lock().unwrap().insert(i);
+        self.pending_restarts.push((back, i));
+        self.world.trace(format!(
+            "fault: {} node {}",
+            if wipe { "wipe" } else { "kill" },
+            i + 1
+        ));
+    }
+
+    /// Sleeps `ms` of simulated time, doing the kills that fall due meanwhile.
+    async fn wait(&mut self, ms: u64) {
+        let end = self.world.now_ms() + ms;
+        loop {
+            let now = self.world.now_ms();
+            let next = self
+                .pending_kills
+                .iter()
+                .map(|&(t, _)| t)
+                .min()
+                .map_or(end, |t| t.min(end));
+            if next > now {
+                sleep(Duration::from_millis(next - now)).await;
+            }
+            let now = self.world.now_ms();
+            let due: Vec<usize> = self
+                .pending_kills
+                .iter()
+                .filter(|&&(t, _)| t <= now)
+                .map(|&(_, i)| i)
+                .collect();
+            self.pending_kills.retain(|&(t, _)| t > now);
+            for i in due {
+                let down = self.world.down.lock().unwrap().clone();
+                // Still keeping a majority up.
+                if !down.contains(&i) && down.len() < (self.world.cfg.nodes - 1) / 2 {
+                    let back = now + self.rng.range(200, 3_000);
+                    self.kill(i, false, back);
+                    *self.counts.entry(ClusterFault::Kill).or_default() += 1;
+                }
+            }
+            if next >= end {
+                return;
+            }
+        }
+    }
+
     fn heal_due(&mut self) {
         let now = self.world.now_ms();
         let due: Vec<usize> = self
@@ -617,6 +669,11 @@ impl Faults {
         self.handle.restart(self.nodes[i]);
         self.world.down.lock().unwrap().remove(&i);
         self.world.trace(format!("restart node {}", i + 1));
+        if self.rekill_wiped == Some(i) {
+            self.rekill_wiped = None;
+            let at = self.world.now_ms() + self.rng.range(20, 1_500);
+            self.pending_kills.push((at, i));
+        }
     }
 
     fn heal_network(&mut self) {

@@ -96,7 +96,13 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     // and acknowledged before, as the same id: it holds none of that now (see
     // `NodeConfig::started_empty`). It stays so across restarts until it has caught up.
     let rejoin = open_data_dir(&*disk, &args)?;
-    let started_empty = args.join.is_some() && rejoin.is_some_and(|r| r.lost_before.is_none());
+    let started_empty = rejoin.is_some_and(|r| r.lost_before.is_none());
+    if started_empty && args.join.is_none() {
+        return Err(format!(
+            "{} has not caught up since it started empty: start it with --join",
+            args.data_dir.display()
+        ));
+    }
     let raft_advertise = format!(
         "{}:{}",
         args.raft_advertise_host

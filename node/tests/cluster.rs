@@ -568,3 +568,27 @@ fn pipelined_puts_get_offsets_in_request_order_across_rollovers_and_other_comman
         .collect();
     assert_eq!(got, want);
 }
+
+/// A node that started empty with `--join` and has not caught up (here: the node it joins
+/// through never answers) records that in its data directory; started again without
+/// `--join`, it refuses to run rather than found a cluster of its own or count as caught up.
+#[test]
+fn a_node_that_has_not_caught_up_since_it_started_empty_needs_join() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nobody = free_port();
+    let mut n = NodeProc::start(2, &tmp.path().join("n2"), Some(nobody), &[]);
+    let record = n.dir.join("rejoin");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&record).is_ok_and(|t| t.starts_with("incarnation=")) {
+        assert!(Instant::now() < deadline, "no rejoin record written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(n.exited_within(Duration::from_millis(500)).is_none());
+    n.kill();
+    n.spawn(None);
+    let status = n.exited_within(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "started without --join: {status:?}"
+    );
+}

@@ -101,6 +101,19 @@ impl NodeProc {
         self.spawn(self.join);
     }
 
+    /// Waits up to `limit` for the process to exit on its own; its status if it did.
+    pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Whether the process is running (started and not killed by the test).
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -1918,7 +1918,8 @@ impl Node {
     }
 
     /// Learns the floor of `takes_raft_append`: asks `seed` (a peer's RPC address) for the
-    /// voters, then every voter but this node for its Raft term, until
+    /// voters, then every voter but this node (and any further voter an answer names) for its
+    /// Raft term, until
     /// `recovery::fence_quorum(voters)` of them answered (the fewest that meet every majority
     /// of the voters in a node other than this one). Returns the floor (the highest term
     /// heard).
@@ -1937,21 +1938,37 @@ impl Node {
             }
         };
         let (seed_term, voters) = ask(seed.to_string()).await?;
+        // Every voter any answer names is asked (a peer may not have heard of a membership
+        // change yet), and the quorum is counted over all of them.
+        let mut voters: BTreeMap<u64, String> = voters.into_iter().collect();
+        let mut asked = BTreeSet::new();
+        let mut terms: Vec<u64> = Vec::new();
+        for _ in 0..=walrus_core::cluster::metadata::NODES_MAX {
+            if voters.len() > walrus_core::cluster::metadata::NODES_MAX {
+                return Err(format!("the answers named {} voters", voters.len()));
+            }
+            let round: Vec<(u64, String)> = voters
+                .iter()
+                .filter(|(id, _)| **id != self.cfg.id && !asked.contains(*id))
+                .map(|(id, addr)| (*id, addr.clone()))
+                .collect();
+            if round.is_empty() {
+                break;
+            }
+            asked.extend(round.iter().map(|(id, _)| *id));
+            let answers =
+                futures_util::future::join_all(round.into_iter().map(|(_, a)| ask(a))).await;
+            for (term, named) in answers.into_iter().filter_map(Result::ok) {
+                terms.push(term);
+                for (id, addr) in named {
+                    voters.entry(id).or_insert(addr);
+                }
+            }
+        }
         if voters.len() > walrus_core::cluster::metadata::NODES_MAX {
-            return Err(format!("{seed} named {} voters", voters.len()));
+            return Err(format!("the answers named {} voters", voters.len()));
         }
         let need = walrus_core::cluster::recovery::fence_quorum(voters.len());
-        let others: Vec<String> = voters
-            .iter()
-            .filter(|(id, _)| *id != self.cfg.id)
-            .map(|(_, addr)| addr.clone())
-            .collect();
-        let answers = futures_util::future::join_all(others.into_iter().map(ask)).await;
-        let terms: Vec<u64> = answers
-            .into_iter()
-            .filter_map(Result::ok)
-            .map(|(t, _)| t)
-            .collect();
         if terms.len() < need {
             return Err(format!(
                 "{} of {} voters answered; {need} needed",

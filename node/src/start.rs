@@ -512,7 +512,7 @@ mod tests {
         }
 
         #[test]
-        fn a_torn_record_is_refused(incarnation in any::<u64>(), b in any::<u64>(), cut in 1usize..20) {
+        fn a_torn_record_never_reads_as_caught_up(incarnation in any::<u64>(), b in any::<u64>(), cut in 1usize..20) {
             let text = RejoinRecord { incarnation, lost_before: Some(b) }.encode();
             let torn = &text.as_bytes()[..text.len().saturating_sub(cut)];
             // (The file is replaced by rename, so this is belt and braces.) Cut after the first

@@ -73,10 +73,20 @@ pub struct Args {
     /// it held are copied to another live node and the metadata moves them there.
     #[arg(long, env = "WALRUS_RE_REPLICATE_AFTER_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub re_replicate_after_ms: u64,
+    /// Metadata log entries applied between two snapshots of the metadata. Each snapshot is
+    /// kept in the data directory, and the log entries it covers (but the last 1,000, for
+    /// followers a little behind) are deleted, so the log stays bounded however many cursor
+    /// claims and segment changes pass through it.
+    #[arg(long, env = "WALRUS_RAFT_SNAPSHOT_EVERY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(16..=100_000_000))]
+    pub raft_snapshot_every: u64,
     /// Largest client frame accepted, in bytes.
     #[arg(long, default_value_t = walrus_core::wire::FRAME_LEN_MAX_DEFAULT)]
     pub max_frame_bytes: usize,
 }
+
+/// Metadata log entries kept behind a snapshot (for followers a little behind, which then
+/// need no snapshot), at most.
+const RAFT_ENTRIES_KEPT: u64 = 1_000;
 
 /// Runs a node on real files until the process is stopped.
 #[cfg(not(madsim))]
@@ -133,13 +143,21 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
     #[cfg(madsim)]
     let log = LogStore::open_on(disk.clone(), &args.data_dir.join("raft"));
     let log = log.map_err(|e| format!("cannot open the raft log: {e}"))?;
-    let sm = StateMachine::new(args.replication_factor as usize);
+    // Rewritten about as often as snapshots are taken (at most every 4,096 records).
+    log.set_rewrite_after(args.raft_snapshot_every.min(4_096));
+    let sm = StateMachine::open(
+        args.replication_factor as usize,
+        disk.clone(),
+        &args.data_dir.join("raft"),
+    )
+    .map_err(|e| format!("cannot open the metadata snapshot: {e}"))?;
     let config = Config {
         cluster_name: "walrus".into(),
         heartbeat_interval: 100,
         election_timeout_min: 300,
         election_timeout_max: 600,
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(args.raft_snapshot_every),
+        max_in_snapshot_log_to_keep: args.raft_snapshot_every.min(RAFT_ENTRIES_KEPT),
         // Turned on once the log has caught up (`Node::raft_caught_up`).
         enable_elect: !started_empty,
         ..Default::default()

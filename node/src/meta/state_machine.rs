@@ -1,10 +1,13 @@
 //! The in-memory state machine of the metadata group: applies [`Command`]s to [`Metadata`].
 //!
-//! It is not persisted: at startup openraft re-applies the log up to the durable committed id
-//! (see [`super::LogStore`]). Snapshots are built and installed in memory only, which is enough
-//! for snapshot transfer to a lagging follower and for a snapshot to round-trip.
+//! Every snapshot built or installed is written to `<raft dir>/snapshot` before it counts
+//! (so before openraft purges the log entries it covers), and a node starts from it: openraft
+//! then re-applies the log from there up to the durable committed id (see
+//! [`super::LogStore`]). A state machine without a snapshot file (`StateMachine::new`, the
+//! tests') keeps its snapshots in memory only.
 
 use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -19,6 +22,8 @@ use walrus_core::cluster::metadata::{Command, Metadata, SNAPSHOT_LEN_MAX_BYTES};
 use walrus_core::cluster::SegmentId;
 
 use super::{codec, MetaResponse, TypeConfig};
+use crate::NodeDisk;
+use walrus::{Disk, DiskFile};
 
 /// Membership as openraft stores it.
 type Membership = StoredMembership<u64, BasicNode>;
@@ -45,6 +50,54 @@ struct Inner {
     applied_tx: watch::Sender<u64>,
     /// Makes snapshot ids unique within the process.
     snapshot_seq: AtomicU64,
+    /// Where snapshots are kept (none: in memory only).
+    file: Option<SnapshotFile>,
+}
+
+/// The file the last snapshot is kept in: a CRC-32C of the snapshot (4 bytes, little endian),
+/// then the snapshot; always replaced whole (a new file renamed over it).
+struct SnapshotFile {
+    disk: Arc<NodeDisk>,
+    dir: PathBuf,
+}
+
+const SNAPSHOT_FILE: &str = "snapshot";
+
+impl SnapshotFile {
+    fn load(&self) -> io::Result<Option<Vec<u8>>> {
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let file = match self.disk.open(&path, false) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
+        let len = file.len()?;
+        if !(4..=SNAPSHOT_DECODE_MAX_BYTES + 4).contains(&len) {
+            return Err(invalid(format!(
+                "{} has {len} bytes: not a snapshot",
+                path.display()
+            )));
+        }
+        let mut bytes = file.read_all()?;
+        let data = bytes.split_off(4);
+        let sum = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if crc32c::crc32c(&data) != sum {
+            return Err(invalid(format!("{} fails its checksum", path.display())));
+        }
+        Ok(Some(data))
+    }
+
+    fn save(&self, data: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join("snapshot.tmp");
+        let file = self.disk.open(&tmp, true)?;
+        file.set_len(0)?;
+        file.write_all_at(&crc32c::crc32c(data).to_le_bytes(), 0)?;
+        file.write_all_at(data, 4)?;
+        file.sync_data()?;
+        self.disk.rename(&tmp, &self.dir.join(SNAPSHOT_FILE))?;
+        self.disk.sync_dir(&self.dir)
+    }
 }
 
 /// What has been applied.
@@ -67,8 +120,40 @@ struct StoredSnapshot {
 const SNAPSHOT_DECODE_MAX_BYTES: u64 = SNAPSHOT_LEN_MAX_BYTES + (1 << 20);
 
 impl StateMachine {
-    /// An empty state machine whose segments get `replication_factor` replicas.
+    /// An empty state machine whose segments get `replication_factor` replicas, with its
+    /// snapshots in memory only.
     pub fn new(replication_factor: usize) -> StateMachine {
+        Self::with_file(replication_factor, None)
+    }
+
+    /// The state machine kept in `dir` of `disk`: as of its last snapshot there, if any
+    /// (openraft re-applies the log after it).
+    pub fn open(
+        replication_factor: usize,
+        disk: Arc<NodeDisk>,
+        dir: &Path,
+    ) -> io::Result<StateMachine> {
+        let file = SnapshotFile {
+            disk,
+            dir: dir.to_path_buf(),
+        };
+        let data = file.load()?;
+        let sm = Self::with_file(replication_factor, Some(file));
+        if let Some(data) = data {
+            let ((last_applied, membership, _), metadata) = decode_snapshot(&data)?;
+            let meta = sm.snapshot_meta(last_applied, membership.clone());
+            let mut s = sm.write_state();
+            s.metadata = metadata;
+            s.last_applied = last_applied;
+            s.last_membership = membership;
+            drop(s);
+            *sm.stored_snapshot() = Some(StoredSnapshot { meta, data });
+            sm.notify(last_applied);
+        }
+        Ok(sm)
+    }
+
+    fn with_file(replication_factor: usize, file: Option<SnapshotFile>) -> StateMachine {
         let (applied_tx, _) = watch::channel(0);
         StateMachine {
             inner: Arc::new(Inner {
@@ -81,7 +166,37 @@ impl StateMachine {
                 snapshot: Mutex::new(None),
                 applied_tx,
                 snapshot_seq: AtomicU64::new(0),
+                file,
             }),
+        }
+    }
+
+    /// The meta of a snapshot at `last_applied`, with an id unique in this process.
+    fn snapshot_meta(
+        &self,
+        last_applied: Option<LogId<u64>>,
+        membership: Membership,
+    ) -> SnapshotMeta<u64, BasicNode> {
+        let seq = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(id) => format!(
+                "{}-{}-{}-{seq}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
+            None => format!("none-{seq}"),
+        };
+        SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        }
+    }
+
+    /// Keeps `data` as the last snapshot, durably when there is a snapshot file.
+    fn keep_snapshot(&self, data: &[u8]) -> io::Result<()> {
+        match &self.inner.file {
+            Some(f) => f.save(data),
+            None => Ok(()),
         }
     }
 
@@ -224,19 +339,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let data = codec(SNAPSHOT_DECODE_MAX_BYTES)
             .serialize(&body)
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let seq = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match last_applied {
-            Some(id) => format!(
-                "{}-{}-{}-{seq}",
-                id.leader_id.term, id.leader_id.node_id, id.index
-            ),
-            None => format!("none-{seq}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
+        let meta = self.snapshot_meta(last_applied, membership);
+        // Durable before openraft may purge the entries it covers.
+        self.keep_snapshot(&data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         *self.stored_snapshot() = Some(StoredSnapshot {
             meta: meta.clone(),
             data: data.clone(),
@@ -305,6 +411,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             );
             return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
         }
+        // Durable before openraft purges the log it replaces.
+        self.keep_snapshot(&data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         {
             let mut s = self.write_state();
             s.metadata = metadata;

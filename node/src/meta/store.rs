@@ -10,6 +10,13 @@
 //! Every write goes to disk (and is fsynced) on a blocking thread before the in-memory state is
 //! updated, and writers are serialized by the WAL mutex, so the memory is always the replay of
 //! what is durable. Reads are served from memory.
+//!
+//! Compaction: once openraft purges entries (they are in a persisted snapshot, see
+//! [`super::StateMachine`]) and the topics hold far more records than are live, the live state
+//! (the purge point, the entries left, the vote and the committed id) is written to a fresh
+//! WAL under the other of two keys, `raft` and `raft-b`; the file `current` (replaced whole by
+//! rename) then names it, and the old one is deleted. A crash before `current` is durable
+//! leaves the old WAL in force, whole; the next open deletes the other.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Debug;
@@ -22,7 +29,7 @@ use bincode::Options;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
-use walrus::{Disk, FsyncSchedule, ReadConsistency, Walrus};
+use walrus::{Disk, DiskFile, FsyncSchedule, ReadConsistency, Walrus};
 
 use crate::NodeDisk;
 
@@ -34,8 +41,13 @@ const TOPIC_LOG: &str = "log";
 const TOPIC_VOTE: &str = "vote";
 /// WAL topic of the committed log ids.
 const TOPIC_COMMITTED: &str = "committed";
-/// Namespace (subdirectory) of the WAL inside the store directory.
-const WAL_KEY: &str = "raft";
+/// Namespaces (subdirectories) the WAL takes turns in inside the store directory.
+const WAL_KEYS: [&str; 2] = ["raft", "raft-b"];
+/// The file naming the WAL key in force (absent: the first).
+const CURRENT_FILE: &str = "current";
+/// Records the topics may hold before a purge rewrites them, unless set otherwise
+/// ([`LogStore::set_rewrite_after`]); and always more than twice the live ones.
+const REWRITE_RECORDS_MIN: u64 = 4096;
 /// Most records written in one atomic `batch_append` (the engine's batch limit).
 const BATCH_ENTRIES_MAX: usize = walrus_core::limits::BATCH_ENTRIES_MAX;
 /// Most bytes written in one `batch_append`.
@@ -85,11 +97,88 @@ impl Debug for LogStore {
 struct Shared {
     /// The engine; its mutex serializes writers (held across the disk write, on a blocking
     /// thread only).
-    wal: Mutex<Walrus<NodeDisk>>,
+    wal: Mutex<Wal>,
+    disk: Arc<NodeDisk>,
+    dir: PathBuf,
+    /// See [`LogStore::set_rewrite_after`].
+    rewrite_after: std::sync::atomic::AtomicU64,
     /// The replay of everything durable.
     mem: Mutex<Mem>,
     /// Releases the directory on drop (none on a simulated disk, private to its node).
     guard: Option<DirGuard>,
+}
+
+/// The WAL in force.
+struct Wal {
+    engine: Walrus<NodeDisk>,
+    /// Its index in `WAL_KEYS`.
+    key: usize,
+    /// Records in its topics.
+    records: u64,
+    /// A rewrite failed after `current` may have changed: nothing more may be written.
+    broken: bool,
+}
+
+impl std::ops::Deref for Wal {
+    type Target = Walrus<NodeDisk>;
+    fn deref(&self) -> &Walrus<NodeDisk> {
+        &self.engine
+    }
+}
+
+fn open_wal(disk: Arc<NodeDisk>, dir: &Path, key: usize) -> io::Result<Walrus<NodeDisk>> {
+    Walrus::builder()
+        .data_dir(dir)
+        .key(WAL_KEYS[key])
+        .fsync_schedule(FsyncSchedule::SyncEach)
+        .consistency(ReadConsistency::StrictlyAtOnce)
+        .reclaim_consumed(false)
+        .inline_commit(crate::INLINE_COMMIT)
+        .build_on(disk)
+}
+
+/// Which WAL key `current` names (the first if there is no such file).
+fn read_current(disk: &NodeDisk, dir: &Path) -> io::Result<usize> {
+    let path = dir.join(CURRENT_FILE);
+    let file = match disk.open(&path, false) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if file.len()? > 64 {
+        return Err(invalid(format!("{} is too long", path.display())));
+    }
+    let text = file.read_all()?;
+    WAL_KEYS
+        .iter()
+        .position(|k| text == format!("{k}\n").as_bytes())
+        .ok_or_else(|| invalid(format!("{} names no WAL", path.display())))
+}
+
+fn write_current(disk: &NodeDisk, dir: &Path, key: usize) -> io::Result<()> {
+    let tmp = dir.join("current.tmp");
+    let file = disk.open(&tmp, true)?;
+    file.set_len(0)?;
+    file.write_all_at(format!("{}\n", WAL_KEYS[key]).as_bytes(), 0)?;
+    file.sync_data()?;
+    disk.rename(&tmp, &dir.join(CURRENT_FILE))?;
+    disk.sync_dir(dir)
+}
+
+/// Deletes every file under `path` (directories stay, empty).
+fn remove_files(disk: &NodeDisk, path: &Path) -> io::Result<()> {
+    if !disk.is_dir(path) {
+        return Ok(());
+    }
+    for name in disk.list_dir(path)? {
+        let p = path.join(name);
+        if disk.is_dir(&p) {
+            remove_files(disk, &p)?;
+        } else {
+            disk.remove_file(&p)?;
+        }
+    }
+    disk.sync_dir(path)
 }
 
 #[derive(Default)]
@@ -229,36 +318,78 @@ impl Shared {
             .map_err(|_| io::Error::other("raft log store state poisoned by a panic"))
     }
 
-    fn wal(&self) -> io::Result<MutexGuard<'_, Walrus<NodeDisk>>> {
-        self.wal
+    fn wal(&self) -> io::Result<MutexGuard<'_, Wal>> {
+        let wal = self
+            .wal
             .lock()
-            .map_err(|_| io::Error::other("raft log store engine poisoned by a panic"))
+            .map_err(|_| io::Error::other("raft log store engine poisoned by a panic"))?;
+        if wal.broken {
+            return Err(io::Error::other(
+                "raft log store stopped after a failed rewrite",
+            ));
+        }
+        Ok(wal)
+    }
+
+    /// After a purge: rewrites the live state into the other WAL once the topics hold many
+    /// more records than that (see the module docs). Called with the WAL locked.
+    fn compact(&self, wal: &mut Wal, mem: &Mem) -> io::Result<()> {
+        let live = mem.log.len() as u64 + 3;
+        let floor = self
+            .rewrite_after
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if wal.records < floor.max(live.saturating_mul(2)) {
+            return Ok(());
+        }
+        let key = 1 - wal.key;
+        // Leftovers of a rewrite that did not finish.
+        remove_files(&self.disk, &self.dir.join(WAL_KEYS[key]))?;
+        let fresh = open_wal(self.disk.clone(), &self.dir, key)?;
+        let mut records = 0;
+        if let Some(p) = mem.last_purged {
+            fresh.append(TOPIC_LOG, &encode(&LogRecordRef::Purge(p))?)?;
+            records += 1;
+        }
+        let entries: Vec<Vec<u8>> = mem
+            .log
+            .values()
+            .map(|e| encode(&LogRecordRef::Entry(e)))
+            .collect::<io::Result<_>>()?;
+        records += append_batched(&fresh, &entries)?;
+        if let Some(v) = &mem.vote {
+            fresh.append(TOPIC_VOTE, &encode(v)?)?;
+            records += 1;
+        }
+        fresh.append(TOPIC_COMMITTED, &encode(&mem.committed)?)?;
+        records += 1;
+        if let Err(e) = write_current(&self.disk, &self.dir, key) {
+            // `current` may name either WAL after a crash now: write neither any more.
+            wal.broken = true;
+            return Err(e);
+        }
+        let old = std::mem::replace(&mut wal.engine, fresh);
+        let old_key = std::mem::replace(&mut wal.key, key);
+        let before = std::mem::replace(&mut wal.records, records);
+        drop(old);
+        if let Err(e) = remove_files(&self.disk, &self.dir.join(WAL_KEYS[old_key])) {
+            tracing::warn!(error = %e, "could not delete the old raft WAL; the next open retries");
+        }
+        tracing::info!(before, after = records, "raft log store rewritten");
+        Ok(())
     }
 
     /// Writes `entries` (in batches of at most [`BATCH_ENTRIES_MAX`] records and
     /// [`BATCH_BYTES_MAX`] bytes; each batch is atomic and fsynced), then makes them visible.
     fn append(&self, entries: Vec<Entry<TypeConfig>>) -> io::Result<()> {
-        let wal = self.wal()?;
+        let mut wal = self.wal()?;
         let mut encoded = Vec::with_capacity(entries.len());
         for e in &entries {
             encoded.push(encode(&LogRecordRef::Entry(e))?);
         }
         let mut entries = entries.into_iter();
-        let mut records = encoded.iter().peekable();
-        while records.peek().is_some() {
-            let mut batch: Vec<&[u8]> = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(r) = records.peek() {
-                if !batch.is_empty()
-                    && (batch.len() >= BATCH_ENTRIES_MAX || bytes + r.len() > BATCH_BYTES_MAX)
-                {
-                    break;
-                }
-                bytes += r.len();
-                batch.push(r.as_slice());
-                records.next();
-            }
+        for batch in batches(&encoded) {
             wal.batch_append(TOPIC_LOG, &batch)?;
+            wal.records += batch.len() as u64;
             let mut mem = self.mem()?;
             for e in entries.by_ref().take(batch.len()) {
                 mem.log.insert(e.log_id.index, e);
@@ -268,12 +399,16 @@ impl Shared {
     }
 
     fn write_log_record(&self, rec: LogRecordRef<'_>) -> io::Result<()> {
-        let wal = self.wal()?;
+        let mut wal = self.wal()?;
         wal.append(TOPIC_LOG, &encode(&rec)?)?;
+        wal.records += 1;
         let mut mem = self.mem()?;
         match rec {
             LogRecordRef::Truncate { since } => mem.truncate(since),
-            LogRecordRef::Purge(id) => mem.purge(id),
+            LogRecordRef::Purge(id) => {
+                mem.purge(id);
+                self.compact(&mut wal, &mem)?;
+            }
             LogRecordRef::Entry(e) => {
                 mem.log.insert(e.log_id.index, e.clone());
             }
@@ -282,18 +417,51 @@ impl Shared {
     }
 
     fn save_vote(&self, vote: Vote<u64>) -> io::Result<()> {
-        let wal = self.wal()?;
+        let mut wal = self.wal()?;
         wal.append(TOPIC_VOTE, &encode(&vote)?)?;
+        wal.records += 1;
         self.mem()?.vote = Some(vote);
         Ok(())
     }
 
     fn save_committed(&self, committed: Option<LogId<u64>>) -> io::Result<()> {
-        let wal = self.wal()?;
+        let mut wal = self.wal()?;
         wal.append(TOPIC_COMMITTED, &encode(&committed)?)?;
+        wal.records += 1;
         self.mem()?.committed = committed;
         Ok(())
     }
+}
+
+/// `records` cut into the atomic batches of at most [`BATCH_ENTRIES_MAX`] records and
+/// [`BATCH_BYTES_MAX`] bytes (a record over the byte limit goes alone).
+fn batches(records: &[Vec<u8>]) -> Vec<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut records = records.iter().peekable();
+    while records.peek().is_some() {
+        let mut batch: Vec<&[u8]> = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(r) = records.peek() {
+            if !batch.is_empty()
+                && (batch.len() >= BATCH_ENTRIES_MAX || bytes + r.len() > BATCH_BYTES_MAX)
+            {
+                break;
+            }
+            bytes += r.len();
+            batch.push(r.as_slice());
+            records.next();
+        }
+        out.push(batch);
+    }
+    out
+}
+
+/// Appends `records` to the log topic of `wal` in batches; returns how many.
+fn append_batched(wal: &Walrus<NodeDisk>, records: &[Vec<u8>]) -> io::Result<u64> {
+    for batch in batches(records) {
+        wal.batch_append(TOPIC_LOG, &batch)?;
+    }
+    Ok(records.len() as u64)
 }
 
 impl LogStore {
@@ -315,14 +483,14 @@ impl LogStore {
 
     fn open_with(disk: Arc<NodeDisk>, dir: &Path, guard: Option<DirGuard>) -> io::Result<LogStore> {
         disk.create_dir_all(dir)?;
-        let wal = Walrus::builder()
-            .data_dir(dir)
-            .key(WAL_KEY)
-            .fsync_schedule(FsyncSchedule::SyncEach)
-            .consistency(ReadConsistency::StrictlyAtOnce)
-            .reclaim_consumed(false)
-            .inline_commit(crate::INLINE_COMMIT)
-            .build_on(disk)?;
+        let key = read_current(&disk, dir)?;
+        // Leftovers of a rewrite that did not finish, or of the WAL it replaced.
+        remove_files(&disk, &dir.join(WAL_KEYS[1 - key]))?;
+        let wal = open_wal(disk.clone(), dir, key)?;
+        let records = [TOPIC_LOG, TOPIC_VOTE, TOPIC_COMMITTED]
+            .iter()
+            .map(|t| wal.entry_count(t))
+            .sum();
 
         let mut mem = Mem::default();
         for bytes in read_all(&wal, TOPIC_LOG)? {
@@ -346,11 +514,27 @@ impl LogStore {
         );
         Ok(LogStore {
             shared: Arc::new(Shared {
-                wal: Mutex::new(wal),
+                wal: Mutex::new(Wal {
+                    engine: wal,
+                    key,
+                    records,
+                    broken: false,
+                }),
+                disk,
+                dir: dir.to_path_buf(),
+                rewrite_after: REWRITE_RECORDS_MIN.into(),
                 mem: Mutex::new(mem),
                 guard,
             }),
         })
+    }
+
+    /// A purge rewrites the topics once they hold at least `records` records (and more than
+    /// twice the live ones).
+    pub fn set_rewrite_after(&self, records: u64) {
+        self.shared
+            .rewrite_after
+            .store(records, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs a write on a blocking thread (the engine blocks until fsync). The write completes
@@ -619,6 +803,90 @@ mod tests {
                 .append(TOPIC_LOG, b"junk")
                 .unwrap();
         }
+        let err = LogStore::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Every file under `dir`, recursively.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    out.extend(files_under(&p));
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_purge_rewrites_the_topics_and_a_reopen_sees_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let vote = Vote::new_committed(2, 1);
+        let committed = Some(entry(1, 4_990).log_id);
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            let s = &store.shared;
+            s.append((0..5_000).map(|i| entry(1, i)).collect()).unwrap();
+            s.save_vote(vote).unwrap();
+            s.save_committed(committed).unwrap();
+            // Under the threshold: no rewrite.
+            s.write_log_record(LogRecordRef::Purge(entry(1, 10).log_id))
+                .unwrap();
+            assert!(!dir.path().join(CURRENT_FILE).exists());
+            s.append((5_000..5_100).map(|i| entry(1, i)).collect())
+                .unwrap();
+            s.write_log_record(LogRecordRef::Purge(entry(1, 4_000).log_id))
+                .unwrap();
+            let wal = s.wal().unwrap();
+            assert_eq!(wal.key, 1);
+            assert_eq!(wal.records, 1 + 1_099 + 2);
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CURRENT_FILE)).unwrap(),
+            "raft-b\n"
+        );
+        assert_eq!(files_under(&dir.path().join("raft")), Vec::<PathBuf>::new());
+        let store = LogStore::open(dir.path()).unwrap();
+        let mem = store.shared.mem().unwrap();
+        assert_eq!(mem.last_purged, Some(entry(1, 4_000).log_id));
+        assert_eq!(mem.log.len(), 1_099);
+        assert_eq!(mem.log.get(&4_001), Some(&entry(1, 4_001)));
+        assert_eq!(mem.last_log_id(), Some(entry(1, 5_099).log_id));
+        assert_eq!(mem.vote, Some(vote));
+        assert_eq!(mem.committed, committed);
+    }
+
+    #[test]
+    fn leftovers_of_an_unfinished_rewrite_are_deleted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = LogStore::open(dir.path()).unwrap();
+            store
+                .shared
+                .append((0..10).map(|i| entry(1, i)).collect())
+                .unwrap();
+        }
+        // A rewrite that stopped before `current` named its WAL.
+        let other = dir.path().join("raft-b").join("log");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("00000000000000000000.seg"), b"half").unwrap();
+        let store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(store.shared.mem().unwrap().log.len(), 10);
+        assert_eq!(
+            files_under(&dir.path().join("raft-b")),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[test]
+    fn a_current_file_naming_no_wal_fails_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CURRENT_FILE), b"elsewhere\n").unwrap();
         let err = LogStore::open(dir.path()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }

@@ -33,7 +33,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
         let store = LogStore::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
-        Ok((dir, store, StateMachine::new(3)))
+        let sm = StateMachine::open(3, disk(), dir.path())
+            .map_err(|e| openraft::StorageIOError::write(&e))?;
+        Ok((dir, store, sm))
     }
 }
 
@@ -42,6 +44,10 @@ fn openraft_storage_suite() {
     if let Err(e) = Suite::test_all(Builder) {
         panic!("storage suite: {e}");
     }
+}
+
+fn disk() -> Arc<crate::NodeDisk> {
+    Arc::new(walrus::LinuxDisk::new(walrus::Backend::Pwrite))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,4 +360,124 @@ async fn single_node_raft_rebuilds_state_from_log() {
     assert!(r.log_id.index > last_index);
     assert!(sm.read(|m| m.topic("u").is_some() && m.topic("t").is_some()));
     raft.shutdown().await.unwrap();
+}
+
+/// With snapshots every 100 entries: the log is purged behind them, the store rewritten once
+/// its records far outnumber the live ones, and a restarted node starts from the kept
+/// snapshot and the entries after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_raft_snapshots_purges_and_restarts_from_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let members = BTreeMap::from([(1u64, BasicNode::new("127.0.0.1:1"))]);
+    let config = || {
+        let mut c = (*test_config()).clone();
+        c.snapshot_policy = SnapshotPolicy::LogsSinceLast(100);
+        c.max_in_snapshot_log_to_keep = 10;
+        Arc::new(c.validate().unwrap())
+    };
+    const WRITES: u64 = 5_000;
+    let last_index;
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        let mut reader = store.clone();
+        let sm = StateMachine::open(3, disk(), dir.path()).unwrap();
+        let raft = Raft::new(1, config(), NoNetwork, store, sm.clone())
+            .await
+            .unwrap();
+        raft.initialize(members.clone()).await.unwrap();
+        raft.wait(WAIT)
+            .state(ServerState::Leader, "leader")
+            .await
+            .unwrap();
+        let mut last = 0;
+        for round in 0..WRITES / 50 {
+            let writes = (0..50).map(|k| {
+                let raft = raft.clone();
+                async move {
+                    raft.client_write(Command::RegisterNode {
+                        node: ClusterNodeId(1),
+                        addr: format!("127.0.0.1:{}", round * 50 + k),
+                    })
+                    .await
+                    .unwrap()
+                    .log_id
+                    .index
+                }
+            });
+            last = last.max(
+                *futures_util::future::join_all(writes)
+                    .await
+                    .iter()
+                    .max()
+                    .unwrap(),
+            );
+        }
+        last_index = last;
+        raft.wait(WAIT)
+            .metrics(
+                |m| m.purged.is_some_and(|p| p.index + 200 >= last_index),
+                "purged behind a recent snapshot",
+            )
+            .await
+            .unwrap();
+        let kept = reader.try_get_log_entries(..).await.unwrap().len();
+        assert!(kept < 300, "{kept} entries still in the log");
+        // The topics were rewritten at least once (5,000 records > 4,096).
+        let current = std::fs::read_to_string(dir.path().join("current")).unwrap();
+        assert!(current == "raft-b\n" || current == "raft\n", "{current:?}");
+        raft.shutdown().await.unwrap();
+    }
+
+    let store = {
+        let mut tries = 0;
+        loop {
+            match LogStore::open(dir.path()) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    };
+    let sm = StateMachine::open(3, disk(), dir.path()).unwrap();
+    // It starts from its snapshot, before any entry is re-applied.
+    assert!(sm
+        .last_applied()
+        .is_some_and(|l| l.index + 200 >= last_index));
+    let raft = Raft::new(1, config(), NoNetwork, store, sm.clone())
+        .await
+        .unwrap();
+    raft.wait(WAIT)
+        .applied_index_at_least(Some(last_index), "re-applied")
+        .await
+        .unwrap();
+    // The address of one of the last round's writes.
+    let addr = sm
+        .read(|m| m.nodes().get(&ClusterNodeId(1)).map(|n| n.addr.clone()))
+        .unwrap();
+    let port: u64 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(port >= WRITES - 50, "{addr}");
+    raft.wait(WAIT)
+        .state(ServerState::Leader, "leader again")
+        .await
+        .unwrap();
+    let r = raft
+        .client_write(Command::CreateTopic { name: "u".into() })
+        .await
+        .unwrap();
+    assert!(r.log_id.index > last_index);
+    raft.shutdown().await.unwrap();
+}
+
+/// A snapshot file that fails its checksum stops the node from starting on it.
+#[test]
+fn a_damaged_snapshot_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = vec![0u8; 4];
+    bytes.extend_from_slice(b"not a snapshot");
+    std::fs::write(dir.path().join("snapshot"), &bytes).unwrap();
+    let err = StateMachine::open(3, disk(), dir.path()).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 }

@@ -63,6 +63,8 @@ impl NodeProc {
             .arg("--request-timeout-ms")
             .arg("3000")
             .env("RUST_LOG", "warn")
+            // Snapshots, log purges and store rewrites happen within every test's run.
+            .env("WALRUS_RAFT_SNAPSHOT_EVERY", "64")
             .stdout(Stdio::null());
         // `WALRUS_TEST_NODE_LOGS=1` shows the nodes' warnings, for debugging a failure.
         if std::env::var_os("WALRUS_TEST_NODE_LOGS").is_none() {

@@ -89,6 +89,9 @@ pub struct ClusterConfig {
     pub faults: Vec<ClusterFault>,
     /// What was planted.
     pub planted: Planted,
+    /// Metadata log entries between snapshots (`--raft-snapshot-every`): small, so that
+    /// snapshots, log purges, store rewrites and snapshot installs all happen under faults.
+    pub raft_snapshot_every: u64,
 }
 
 impl ClusterConfig {
@@ -125,7 +128,9 @@ impl ClusterConfig {
             faults,
             planted,
             replication_factor: [1, 3][r.below(2)],
+            raft_snapshot_every: 0,
         };
+        cfg.raft_snapshot_every = r.range(16, 300);
         if planted == Planted::AckBeforeFsync && !cfg.faults.contains(&ClusterFault::Kill) {
             // Page-cache acknowledgements are only lost by a crash, and only if no other
             // replica kept them.
@@ -143,8 +148,8 @@ impl fmt::Display for ClusterConfig {
         write!(
             f,
             "seed {}: {} nodes, {} topics, {} producers, {} consumers, payload {}..={} B, \
-             segment {} entries, replication factor {}, safety {} s, a fault every ~{} ms of \
-             {:?}, planted {:?}",
+             segment {} entries, replication factor {}, snapshot every {} entries, safety {} \
+             s, a fault every ~{} ms of {:?}, planted {:?}",
             self.seed,
             self.nodes,
             self.topics,
@@ -154,6 +159,7 @@ impl fmt::Display for ClusterConfig {
             self.payload_max,
             self.segment_entries,
             self.replication_factor,
+            self.raft_snapshot_every,
             self.safety_secs,
             self.fault_every_ms,
             self.faults,

@@ -210,6 +210,7 @@ fn node_args(cfg: &ClusterConfig, i: usize) -> Args {
         "--request-timeout-ms=3000".into(),
         // Short enough that nodes down for a while get their sealed segments moved.
         "--re-replicate-after-ms=4000".into(),
+        format!("--raft-snapshot-every={}", cfg.raft_snapshot_every),
     ];
     if i > 0 {
         argv.push(format!("--join={}:{RAFT_PORT}", node_ip(0)));

@@ -151,6 +151,7 @@ pub async fn run_on(disk: Arc<NodeDisk>, args: Args) -> Result<(), String> {
         &args.data_dir.join("raft"),
     )
     .map_err(|e| format!("cannot open the metadata snapshot: {e}"))?;
+    log.purge_behind(sm.kept_snapshots());
     let config = Config {
         cluster_name: "walrus".into(),
         heartbeat_interval: 100,

@@ -229,6 +229,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a segment file whose creation failed to sync was adopted by the next process: a \
          power loss then took a node's whole Raft log",
     ),
+    (
+        1948,
+        "openraft purged the log behind an installed snapshot before the state machine had          kept it, and the install failed: the node could never start again",
+    ),
 ];
 
 #[test]

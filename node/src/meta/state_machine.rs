@@ -52,6 +52,8 @@ struct Inner {
     snapshot_seq: AtomicU64,
     /// Where snapshots are kept (none: in memory only).
     file: Option<SnapshotFile>,
+    /// The last index of the last snapshot kept (durably, with a file).
+    kept_tx: watch::Sender<Option<u64>>,
 }
 
 /// The file the last snapshot is kept in: a CRC-32C of the snapshot (4 bytes, little endian),
@@ -149,8 +151,15 @@ impl StateMachine {
             drop(s);
             *sm.stored_snapshot() = Some(StoredSnapshot { meta, data });
             sm.notify(last_applied);
+            sm.inner.kept_tx.send_replace(last_applied.map(|l| l.index));
         }
         Ok(sm)
+    }
+
+    /// A receiver of the last index of the last snapshot kept (on disk, with a snapshot file):
+    /// the log may be purged up to it, not past it (see `LogStore::purge_behind`).
+    pub fn kept_snapshots(&self) -> watch::Receiver<Option<u64>> {
+        self.inner.kept_tx.subscribe()
     }
 
     fn with_file(replication_factor: usize, file: Option<SnapshotFile>) -> StateMachine {
@@ -167,6 +176,7 @@ impl StateMachine {
                 applied_tx,
                 snapshot_seq: AtomicU64::new(0),
                 file,
+                kept_tx: watch::channel(None).0,
             }),
         }
     }
@@ -192,12 +202,17 @@ impl StateMachine {
         }
     }
 
-    /// Keeps `data` as the last snapshot, durably when there is a snapshot file.
-    fn keep_snapshot(&self, data: &[u8]) -> io::Result<()> {
-        match &self.inner.file {
-            Some(f) => f.save(data),
-            None => Ok(()),
+    /// Keeps `data`, the snapshot at `last`, as the last snapshot, durably when there is a
+    /// snapshot file.
+    fn keep_snapshot(&self, data: &[u8], last: Option<LogId<u64>>) -> io::Result<()> {
+        if let Some(f) = &self.inner.file {
+            f.save(data)?;
         }
+        let index = last.map(|l| l.index);
+        self.inner
+            .kept_tx
+            .send_if_modified(|kept| (*kept < index).then(|| *kept = index).is_some());
+        Ok(())
     }
 
     /// Runs `f` on the applied metadata (a synchronous read under a lock; keep `f` short).
@@ -341,7 +356,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let meta = self.snapshot_meta(last_applied, membership);
         // Durable before openraft may purge the entries it covers.
-        self.keep_snapshot(&data)
+        self.keep_snapshot(&data, meta.last_log_id)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         *self.stored_snapshot() = Some(StoredSnapshot {
             meta: meta.clone(),
@@ -412,7 +427,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
         }
         // Durable before openraft purges the log it replaces.
-        self.keep_snapshot(&data)
+        self.keep_snapshot(&data, meta.last_log_id)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         {
             let mut s = self.write_state();

@@ -45,6 +45,8 @@ const TOPIC_COMMITTED: &str = "committed";
 const WAL_KEYS: [&str; 2] = ["raft", "raft-b"];
 /// The file naming the WAL key in force (absent: the first).
 const CURRENT_FILE: &str = "current";
+/// Longest a purge waits for the snapshot covering it to be kept.
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Records the topics may hold before a purge rewrites them, unless set otherwise
 /// ([`LogStore::set_rewrite_after`]); and always more than twice the live ones.
 const REWRITE_RECORDS_MIN: u64 = 4096;
@@ -102,6 +104,8 @@ struct Shared {
     dir: PathBuf,
     /// See [`LogStore::set_rewrite_after`].
     rewrite_after: std::sync::atomic::AtomicU64,
+    /// See [`LogStore::purge_behind`].
+    kept: Mutex<Option<tokio::sync::watch::Receiver<Option<u64>>>>,
     /// The replay of everything durable.
     mem: Mutex<Mem>,
     /// Releases the directory on drop (none on a simulated disk, private to its node).
@@ -331,17 +335,9 @@ impl Shared {
         Ok(wal)
     }
 
-    /// After a purge: rewrites the live state into the other WAL once the topics hold many
-    /// more records than that (see the module docs). Called with the WAL locked.
-    fn compact(&self, wal: &mut Wal, mem: &Mem) -> io::Result<()> {
-        let live = mem.log.len() as u64 + 3;
-        let floor = self
-            .rewrite_after
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if wal.records < floor.max(live.saturating_mul(2)) {
-            return Ok(());
-        }
-        let key = 1 - wal.key;
+    /// Writes the live state into a fresh WAL under `WAL_KEYS[key]`; returns it and its
+    /// record count.
+    fn write_fresh(&self, key: usize, mem: &Mem) -> io::Result<(Walrus<NodeDisk>, u64)> {
         // Leftovers of a rewrite that did not finish.
         remove_files(&self.disk, &self.dir.join(WAL_KEYS[key]))?;
         let fresh = open_wal(self.disk.clone(), &self.dir, key)?;
@@ -362,6 +358,28 @@ impl Shared {
         }
         fresh.append(TOPIC_COMMITTED, &encode(&mem.committed)?)?;
         records += 1;
+        Ok((fresh, records))
+    }
+
+    /// After a purge: rewrites the live state into the other WAL once the topics hold many
+    /// more records than that (see the module docs). Called with the WAL locked.
+    fn compact(&self, wal: &mut Wal, mem: &Mem) -> io::Result<()> {
+        let live = mem.log.len() as u64 + 3;
+        let floor = self
+            .rewrite_after
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if wal.records < floor.max(live.saturating_mul(2)) {
+            return Ok(());
+        }
+        let key = 1 - wal.key;
+        let (fresh, records) = match self.write_fresh(key, mem) {
+            Ok(f) => f,
+            Err(e) => {
+                // The old WAL stays in force, whole; the next purge tries again.
+                tracing::warn!(error = %e, "could not rewrite the raft log store");
+                return Ok(());
+            }
+        };
         if let Err(e) = write_current(&self.disk, &self.dir, key) {
             // `current` may name either WAL after a crash now: write neither any more.
             wal.broken = true;
@@ -523,6 +541,7 @@ impl LogStore {
                 disk,
                 dir: dir.to_path_buf(),
                 rewrite_after: REWRITE_RECORDS_MIN.into(),
+                kept: Mutex::new(None),
                 mem: Mutex::new(mem),
                 guard,
             }),
@@ -535,6 +554,17 @@ impl LogStore {
         self.shared
             .rewrite_after
             .store(records, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Purges only entries a kept snapshot covers: `purge` waits (up to
+    /// [`PURGE_WAIT`]) until `kept` (`StateMachine::kept_snapshots`) reaches the purge
+    /// point. openraft purges the log the moment it hands an installed snapshot to the state
+    /// machine, which keeps it on disk only afterwards; a crash in between would leave a node
+    /// whose log and snapshot both lack the entries between them.
+    pub fn purge_behind(&self, kept: tokio::sync::watch::Receiver<Option<u64>>) {
+        if let Ok(mut k) = self.shared.kept.lock() {
+            *k = Some(kept);
+        }
     }
 
     /// Runs a write on a blocking thread (the engine blocks until fsync). The write completes
@@ -686,6 +716,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let kept = self.shared.kept.lock().ok().and_then(|k| k.clone());
+        if let Some(mut kept) = kept {
+            let covered = tokio::time::timeout(
+                PURGE_WAIT,
+                kept.wait_for(|k| k.is_some_and(|k| k >= log_id.index)),
+            )
+            .await;
+            if !matches!(covered, Ok(Ok(_))) {
+                let e = io::Error::other(format!(
+                    "no snapshot kept up to {log_id}: the log is not purged past one"
+                ));
+                return Err(StorageIOError::write_logs(&e).into());
+            }
+        }
         self.blocking(move |s| s.write_log_record(LogRecordRef::Purge(log_id)))
             .await
             .map_err(|e| StorageIOError::write_logs(&e).into())

@@ -381,6 +381,7 @@ async fn single_node_raft_snapshots_purges_and_restarts_from_its_snapshot() {
         let store = LogStore::open(dir.path()).unwrap();
         let mut reader = store.clone();
         let sm = StateMachine::open(3, disk(), dir.path()).unwrap();
+        store.purge_behind(sm.kept_snapshots());
         let raft = Raft::new(1, config(), NoNetwork, store, sm.clone())
             .await
             .unwrap();
@@ -442,6 +443,7 @@ async fn single_node_raft_snapshots_purges_and_restarts_from_its_snapshot() {
         }
     };
     let sm = StateMachine::open(3, disk(), dir.path()).unwrap();
+    store.purge_behind(sm.kept_snapshots());
     // It starts from its snapshot, before any entry is re-applied.
     assert!(sm
         .last_applied()
@@ -480,4 +482,29 @@ fn a_damaged_snapshot_file_is_an_error() {
     std::fs::write(dir.path().join("snapshot"), &bytes).unwrap();
     let err = StateMachine::open(3, disk(), dir.path()).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
+
+/// A purge waits for a kept snapshot that covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_waits_for_a_kept_snapshot_covering_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(dir.path()).unwrap();
+    append(&mut store, (0..20).map(|i| cmd_entry(1, i)).collect()).await;
+    let (kept_tx, kept) = tokio::sync::watch::channel(Some(5));
+    store.purge_behind(kept);
+    store.purge(log_id(1, 3)).await.unwrap();
+    let mut s2 = store.clone();
+    let later = tokio::spawn(async move { s2.purge(log_id(1, 12)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        store.get_log_state().await.unwrap().last_purged_log_id,
+        Some(log_id(1, 3)),
+        "purged past the kept snapshot"
+    );
+    kept_tx.send_replace(Some(12));
+    later.await.unwrap().unwrap();
+    assert_eq!(
+        store.get_log_state().await.unwrap().last_purged_log_id,
+        Some(log_id(1, 12))
+    );
 }

@@ -139,6 +139,10 @@ impl ClusterConfig {
         if planted == Planted::AckBeforeFsync {
             cfg.replication_factor = 1;
         }
+        if cfg.replication_factor < 3 && cfg.faults == [ClusterFault::Wipe] {
+            // A wipe needs three replicas (seed 2658 injected no fault at all).
+            cfg.faults.push(ClusterFault::Kill);
+        }
         cfg
     }
 }

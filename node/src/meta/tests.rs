@@ -260,6 +260,21 @@ fn test_config() -> Arc<Config> {
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
+/// Opens the store in `dir` again once a stopped Raft core has dropped it (and so released
+/// the directory).
+async fn reopen(dir: &std::path::Path) -> LogStore {
+    for _ in 0..100 {
+        match LogStore::open(dir) {
+            Ok(s) => return s,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+    panic!("the store in {} was never released", dir.display());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_node_raft_rebuilds_state_from_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -312,20 +327,7 @@ async fn single_node_raft_rebuilds_state_from_log() {
         raft.shutdown().await.unwrap();
     }
 
-    // The store is dropped by the stopped core; wait until the directory is released.
-    let store = {
-        let mut tries = 0;
-        loop {
-            match LogStore::open(dir.path()) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        }
-    };
+    let store = reopen(dir.path()).await;
     // Raft saved the committed id durably, so openraft re-applies up to it at startup.
     let mut store = store;
     let committed = store.read_committed().await.unwrap();
@@ -349,6 +351,13 @@ async fn single_node_raft_rebuilds_state_from_log() {
     assert!(sm.read(|m| m.nodes().contains_key(&ClusterNodeId(1))));
 
     // And the restarted node leads and accepts writes again.
+    leads_and_writes_past(&raft, last_index).await;
+    assert!(sm.read(|m| m.topic("u").is_some() && m.topic("t").is_some()));
+    raft.shutdown().await.unwrap();
+}
+
+/// Waits for `raft` to lead, then has it commit topic `u`, past `last_index`.
+async fn leads_and_writes_past(raft: &Raft, last_index: u64) {
     raft.wait(WAIT)
         .state(ServerState::Leader, "leader again")
         .await
@@ -358,8 +367,6 @@ async fn single_node_raft_rebuilds_state_from_log() {
         .await
         .unwrap();
     assert!(r.log_id.index > last_index);
-    assert!(sm.read(|m| m.topic("u").is_some() && m.topic("t").is_some()));
-    raft.shutdown().await.unwrap();
 }
 
 /// With snapshots every 100 entries: the log is purged behind them, the store rewritten once
@@ -429,19 +436,7 @@ async fn single_node_raft_snapshots_purges_and_restarts_from_its_snapshot() {
         raft.shutdown().await.unwrap();
     }
 
-    let store = {
-        let mut tries = 0;
-        loop {
-            match LogStore::open(dir.path()) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        }
-    };
+    let store = reopen(dir.path()).await;
     let sm = StateMachine::open(3, disk(), dir.path()).unwrap();
     store.purge_behind(sm.kept_snapshots());
     // It starts from its snapshot, before any entry is re-applied.
@@ -461,15 +456,7 @@ async fn single_node_raft_snapshots_purges_and_restarts_from_its_snapshot() {
         .unwrap();
     let port: u64 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert!(port >= WRITES - 50, "{addr}");
-    raft.wait(WAIT)
-        .state(ServerState::Leader, "leader again")
-        .await
-        .unwrap();
-    let r = raft
-        .client_write(Command::CreateTopic { name: "u".into() })
-        .await
-        .unwrap();
-    assert!(r.log_id.index > last_index);
+    leads_and_writes_past(&raft, last_index).await;
     raft.shutdown().await.unwrap();
 }
 

@@ -161,7 +161,8 @@ fn sample(world: &World) -> Result<(), Violation> {
             })
         })
     };
-    check_appends(&mut s, appends, seal_of)?;
+    let wiped = world.wiped.lock().unwrap().clone();
+    check_appends(&mut s, appends, seal_of, &wiped)?;
     for (id, node) in running(world) {
         let m = node.raft().metrics().borrow().clone();
         if m.state.is_leader() {
@@ -311,10 +312,14 @@ fn sample(world: &World) -> Result<(), Violation> {
 /// overwritten by a later one at the same offsets, unless a failover sealed its segment before
 /// those offsets (they were never acknowledged: the leader's lease had run out, or no quorum
 /// held them, and readers stop at the seal). `seal_of` gives a segment's sealed end offset.
+/// A node in `wiped` lost every write it made before its disk went, durable or not: its own
+/// earlier appends do not count against its later ones (whether what it lost was
+/// acknowledged is the end-to-end oracle's to judge).
 fn check_appends(
     s: &mut Samples,
     appends: Vec<walrus_node::sim::Append>,
     seal_of: impl Fn(&str, u64) -> Option<u64>,
+    wiped: &BTreeSet<u64>,
 ) -> Result<(), Violation> {
     for a in appends {
         let key = (a.topic.clone(), a.segment);
@@ -338,6 +343,10 @@ fn check_appends(
         while let Some((&f, &(n, node, seg))) = ranges.range(..end).next_back() {
             if f + n <= a.first {
                 break;
+            }
+            if node == a.node && wiped.contains(&node) {
+                ranges.remove(&f);
+                continue;
             }
             // Past the seal of an earlier segment: void, trim it and look again.
             if let Some(sealed_end) =

@@ -448,6 +448,22 @@ async fn liveness(world: &Arc<World>, client_node: &NodeHandle, nodes: &[NodeHan
     }
 }
 
+/// Whether node `id` is, in the applied metadata of any running node of `nodes`, the only
+/// replica of some segment.
+fn sole_replica(id: u64, nodes: usize) -> bool {
+    (1..=nodes as u64)
+        .filter_map(walrus_node::sim::node)
+        .any(|n| {
+            n.state_machine().read(|m| {
+                m.topics().values().any(|t| {
+                    t.segments
+                        .iter()
+                        .any(|s| s.replicas.len() == 1 && s.replicas[0].0 == id)
+                })
+            })
+        })
+}
+
 /// The fault injector of one run and the faults it has yet to heal.
 struct Faults {
     world: Arc<World>,
@@ -491,11 +507,16 @@ impl Faults {
                 if down.len() >= (n - 1) / 2 {
                     return;
                 }
-                // Node 1 founds the cluster (it has no `--join`): it is never wiped.
+                // Node 1 founds the cluster (it has no `--join`): it is never wiped. Nor is a
+                // node that is the only replica of a segment (one opened while it was the only
+                // live node): that copy is all there is (seed 9628).
                 let up: Vec<usize> = (0..n)
                     .filter(|i| !down.contains(i))
-                    .filter(|&i| !wipe || i != 0)
+                    .filter(|&i| !wipe || (i != 0 && !sole_replica(i as u64 + 1, n)))
                     .collect();
+                if up.is_empty() {
+                    return;
+                }
                 let i = up[self.rng.below(up.len())];
                 let back = now + self.rng.range(500, 5_000);
                 self.kill(i, wipe, back);

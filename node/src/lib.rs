@@ -24,3 +24,25 @@ pub type NodeDisk = walrus_io_sim::SimDisk;
 
 /// Whether `SyncEach` group commits run on the appending task (the simulation spawns no threads).
 pub(crate) const INLINE_COMMIT: bool = cfg!(madsim);
+
+/// Replaces `dir/name` whole and durably: `parts` go one after the other into
+/// `dir/<name>.tmp`, which is synced, renamed over `name`, and the directory synced.
+pub(crate) fn replace_file<D: walrus::Disk>(
+    disk: &D,
+    dir: &std::path::Path,
+    name: &str,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    use walrus::DiskFile;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = disk.open(&tmp, true)?;
+    file.set_len(0)?;
+    let mut at = 0u64;
+    for part in parts {
+        file.write_all_at(part, at)?;
+        at += part.len() as u64;
+    }
+    file.sync_data()?;
+    disk.rename(&tmp, &dir.join(name))?;
+    disk.sync_dir(dir)
+}

@@ -403,13 +403,7 @@ impl RejoinRecord {
 
 /// Writes the rejoin record durably (a whole new file renamed over the old one).
 fn write_rejoin<D: Disk>(disk: &D, dir: &Path, record: &RejoinRecord) -> std::io::Result<()> {
-    let tmp = dir.join("rejoin.tmp");
-    let file = disk.open(&tmp, true)?;
-    file.set_len(0)?;
-    file.write_all_at(record.encode().as_bytes(), 0)?;
-    file.sync_data()?;
-    disk.rename(&tmp, &dir.join(REJOIN_FILE))?;
-    disk.sync_dir(dir)
+    crate::replace_file(disk, dir, REJOIN_FILE, &[record.encode().as_bytes()])
 }
 
 /// Checks the data directory's node id, claiming a new directory for this node, and returns

@@ -91,14 +91,8 @@ impl SnapshotFile {
     }
 
     fn save(&self, data: &[u8]) -> io::Result<()> {
-        let tmp = self.dir.join("snapshot.tmp");
-        let file = self.disk.open(&tmp, true)?;
-        file.set_len(0)?;
-        file.write_all_at(&crc32c::crc32c(data).to_le_bytes(), 0)?;
-        file.write_all_at(data, 4)?;
-        file.sync_data()?;
-        self.disk.rename(&tmp, &self.dir.join(SNAPSHOT_FILE))?;
-        self.disk.sync_dir(&self.dir)
+        let sum = crc32c::crc32c(data).to_le_bytes();
+        crate::replace_file(&*self.disk, &self.dir, SNAPSHOT_FILE, &[&sum, data])
     }
 }
 

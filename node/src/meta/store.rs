@@ -160,13 +160,8 @@ fn read_current(disk: &NodeDisk, dir: &Path) -> io::Result<usize> {
 }
 
 fn write_current(disk: &NodeDisk, dir: &Path, key: usize) -> io::Result<()> {
-    let tmp = dir.join("current.tmp");
-    let file = disk.open(&tmp, true)?;
-    file.set_len(0)?;
-    file.write_all_at(format!("{}\n", WAL_KEYS[key]).as_bytes(), 0)?;
-    file.sync_data()?;
-    disk.rename(&tmp, &dir.join(CURRENT_FILE))?;
-    disk.sync_dir(dir)
+    let text = format!("{}\n", WAL_KEYS[key]);
+    crate::replace_file(disk, dir, CURRENT_FILE, &[text.as_bytes()])
 }
 
 /// Deletes every file under `path` (directories stay, empty).

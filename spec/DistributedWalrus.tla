@@ -142,7 +142,9 @@ Renew(s) ==
     /\ UNCHANGED <<now, seg, log, epochOf, alive, crashes, msgs, loss, acked, cursor>>
 
 \* Failover: only after the detection timeout (so the lease has expired); fence a majority Q
-\* of live replicas, seal at the longest of them, bring Q to exactly that prefix.
+\* of live replicas, bring Q to exactly the longest of their prefixes, seal there. One step:
+\* the implementation (core::cluster::recovery) copies to a majority before the seal commits,
+\* so no sealed entry is ever held by fewer replicas than this step leaves holding it.
 Recover(s) ==
     /\ IsOpen(s)
     /\ now >= lastGrant[s] + DetectionTimeout

@@ -54,6 +54,10 @@ const RECOVERY_SEALING_TICKS_MAX: u32 = 400;
 const RECOVERY_RPC_TIMEOUT: Duration = Duration::from_millis(500);
 /// Period of the repair loop (replicas fetching sealed entries they lack).
 const REPAIR_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a replica's answer to a recovery's `CopyTo` waits for the copy to finish.
+const COPY_WAIT: Duration = Duration::from_millis(300);
+/// How often it looks meanwhile.
+const COPY_POLL: Duration = Duration::from_millis(5);
 /// Failover ticks between re-replication passes.
 const RE_REPLICATION_EVERY_TICKS: u64 = 20;
 /// Sealed segments a re-replication pass starts moving at most.
@@ -171,6 +175,8 @@ pub struct Node {
     complete: Mutex<BTreeSet<SegmentId>>,
     /// Sealed segments whose replica is being moved off a dead node (on the metadata leader).
     moving: Mutex<BTreeSet<SegmentId>>,
+    /// The recoveries this node drives as metadata leader, as `METRICS` shows them.
+    recoveries: Mutex<Vec<serde_json::Value>>,
     /// Per Raft term: the lease-clock time this node last heard from that term's metadata
     /// leader (a Raft append or snapshot arrived) or, as its leader, last granted a lease.
     leader_contacts: Mutex<BTreeMap<u64, u64>>,
@@ -490,6 +496,7 @@ impl Node {
             repairing: Mutex::default(),
             complete: Mutex::default(),
             moving: Mutex::default(),
+            recoveries: Mutex::default(),
             leader_contacts: Mutex::default(),
             cleared: Mutex::default(),
             taking_up: Mutex::default(),
@@ -1163,6 +1170,57 @@ impl Node {
         held
     }
 
+    /// Replica side of a recovery's copy, before the seal is proposed: make sure the first
+    /// `len` entries of `segment`, fenced here at `epoch`, are held durably, fetching what is
+    /// missing from `donor` (then the other replicas). Answers with the entries held once the
+    /// fetch is done, or after `COPY_WAIT` with what it has so far (the coordinator asks again).
+    pub async fn copy_to(
+        self: &Arc<Self>,
+        topic: &str,
+        segment: u64,
+        epoch: u64,
+        len: u64,
+        donor: u64,
+    ) -> Result<u64, Failure> {
+        let seg = SegmentId(segment);
+        if self.rejoin_pending() {
+            return Err(REJOIN_PENDING.into());
+        }
+        if self.lost_since_open(seg) {
+            return Err(LOST.into());
+        }
+        // Fenced at this recovery's epoch: the old leader can add nothing more here, so the
+        // count only grows by the copy.
+        if lock(&self.fences).get(&seg) != Some(&epoch) {
+            return Err(format!(
+                "segment {segment} is not fenced at epoch {epoch} here"
+            ));
+        }
+        // Once sealed, `SealAt` decides the length; a copy could only add entries past it.
+        if self
+            .with_segment(topic, seg, |s| s.sealed_entries().is_some())
+            .unwrap_or(true)
+        {
+            return Err(format!("segment {segment} is sealed or unknown here"));
+        }
+        if self.local_entry_count(topic, seg) < len {
+            let mut sources = vec![NodeId(donor)];
+            let others = self
+                .with_segment(topic, seg, |s| s.replicas.clone())
+                .unwrap_or_default();
+            sources.extend(others.into_iter().filter(|&r| r != NodeId(donor)));
+            self.spawn_repair(topic, seg, len, sources);
+            let deadline = Instant::now() + COPY_WAIT;
+            while self.local_entry_count(topic, seg) < len && Instant::now() < deadline {
+                tokio::time::sleep(COPY_POLL).await;
+            }
+        }
+        if !self.store_fsyncs() {
+            self.sync_store()?;
+        }
+        Ok(self.local_entry_count(topic, seg))
+    }
+
     /// Starts fetching entries `held..len` of a sealed segment from `sources` (in order),
     /// unless a fetch for it is already running.
     fn spawn_repair(self: &Arc<Self>, topic: &str, seg: SegmentId, len: u64, sources: Vec<NodeId>) {
@@ -1195,7 +1253,14 @@ impl Node {
                     self.counters.repairs.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(topic, segment = seg.0, len, fetched, "replica repaired");
                 }
-                lock(&self.complete).insert(seg);
+                // A recovery's copy (before the seal) is not a sealed segment made whole.
+                if self
+                    .with_segment(topic, seg, |s| s.sealed_entries())
+                    .flatten()
+                    .is_some_and(|sealed| sealed <= held)
+                {
+                    lock(&self.complete).insert(seg);
+                }
                 return Ok(());
             }
             let plan = ReadPlan {
@@ -1618,6 +1683,7 @@ impl Node {
                 "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
             },
             "nodes": nodes,
+            "recoveries": *lock(&self.recoveries),
             "counters": {
                 "puts": c.puts.load(Ordering::Relaxed),
                 "puts_forwarded": c.puts_forwarded.load(Ordering::Relaxed),
@@ -2291,6 +2357,7 @@ impl Node {
             if leader != Some(self.cfg.id) {
                 if led_term.take().is_some() {
                     driving.clear();
+                    lock(&self.recoveries).clear();
                     *lock(&self.grants) = Grants::default();
                 }
                 continue;
@@ -2298,6 +2365,7 @@ impl Node {
             if led_term != Some(term) {
                 led_term = Some(term);
                 driving.clear();
+                lock(&self.recoveries).clear();
                 dead_since.clear();
                 *lock(&self.grants) = Grants::default();
                 while rx.try_recv().is_ok() {}
@@ -2428,6 +2496,10 @@ impl Node {
                     _ => true,
                 }
             });
+            *lock(&self.recoveries) = driving
+                .iter()
+                .map(|(r, d)| recovery_json(r, &d.rec))
+                .collect();
             for (r, effect) in out {
                 self.run_recovery_effect(r, effect, tx.clone());
             }
@@ -2616,6 +2688,15 @@ impl Node {
                             len: *len,
                             donor: donor.0,
                         },
+                        PeerMsg::CopyTo {
+                            epoch, len, donor, ..
+                        } => RpcRequest::CopyTo {
+                            topic: r.topic.clone(),
+                            segment: r.segment.0,
+                            epoch: epoch.0,
+                            len: *len,
+                            donor: donor.0,
+                        },
                         _ => return,
                     };
                     let answer = node.peers.get(&addr).call(&req, RECOVERY_RPC_TIMEOUT).await;
@@ -2639,6 +2720,14 @@ impl Node {
                             from: to,
                             len,
                         },
+                        (Ok(RpcResponse::CopyTo(Ok(held))), PeerMsg::CopyTo { seg, epoch, .. }) => {
+                            PeerMsg::Copied {
+                                seg,
+                                epoch,
+                                from: to,
+                                len: held,
+                            }
+                        }
                         _ => return,
                     };
                     let _ = tx.send((r, RecoveryInput::Peer(input)));
@@ -2680,6 +2769,31 @@ impl Node {
             }
         }
     }
+}
+
+/// A recovery as `METRICS` shows it: where it is, the length it works towards, and what each
+/// fenced replica holds.
+fn recovery_json(r: &SegmentRef, rec: &Recovery) -> serde_json::Value {
+    let (phase, len) = match rec.phase() {
+        Phase::Fencing => ("fencing", None),
+        Phase::Copying { len, .. } => ("copying", Some(*len)),
+        Phase::Proposed { len, .. } => ("proposed", Some(*len)),
+        Phase::Sealing { len, .. } => ("sealing", Some(*len)),
+        Phase::Done { len } => ("done", Some(*len)),
+    };
+    let fenced: BTreeMap<String, u64> = rec
+        .fenced()
+        .iter()
+        .map(|(n, l)| (n.0.to_string(), *l))
+        .collect();
+    json!({
+        "topic": r.topic,
+        "segment": r.segment.0,
+        "epoch": rec.new_epoch().0,
+        "phase": phase,
+        "len": len,
+        "fenced": fenced,
+    })
 }
 
 /// Name of a segment's topic in the local `walrus` engine: short, valid, unique per segment.

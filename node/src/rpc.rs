@@ -137,6 +137,21 @@ pub enum RpcRequest {
     /// A node that started empty asks for this node's Raft term and the voters it knows,
     /// before it takes any Raft append (see `Node::takes_raft_append`).
     RaftTerm,
+    /// Recovery coordinator → replica fenced at `epoch`: before the seal is proposed, hold the
+    /// first `len` entries durably, fetching what is missing from `donor` (and the other
+    /// replicas); answer with the entries held.
+    CopyTo {
+        /// Topic.
+        topic: String,
+        /// Segment id.
+        segment: u64,
+        /// The recovery's epoch.
+        epoch: u64,
+        /// The length the recovery will seal at.
+        len: u64,
+        /// A replica that holds `len` entries.
+        donor: u64,
+    },
 }
 
 /// One segment in a [`RpcRequest::LeaseGrant`].
@@ -196,6 +211,9 @@ pub enum RpcResponse {
         /// The voters, in id order.
         voters: Vec<(u64, String)>,
     },
+    /// Entries of the fenced segment the replica holds durably after the copy (fewer than
+    /// asked: the copy is still running).
+    CopyTo(Result<u64, String>),
 }
 
 /// What a replica holds of a segment after a `Replicate`.

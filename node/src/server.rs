@@ -375,6 +375,13 @@ async fn rpc(node: &Arc<Node>, req: RpcRequest) -> RpcResponse {
             len,
             donor,
         } => RpcResponse::SealAt(Ok(node.seal_at(&topic, segment, len, donor))),
+        RpcRequest::CopyTo {
+            topic,
+            segment,
+            epoch,
+            len,
+            donor,
+        } => RpcResponse::CopyTo(node.copy_to(&topic, segment, epoch, len, donor).await),
         RpcRequest::Read {
             topic,
             segment,

@@ -353,9 +353,36 @@ fn two_replica_segment(
     n: u64,
     dir: &std::path::Path,
 ) -> (Vec<NodeProc>, usize, usize, u64, Vec<Vec<u8>>) {
+    let s = segment_off_the_metadata_leader(n, 2, dir, |_, others| others[0] != 1);
+    (s.nodes, s.leader, s.others[0], s.x, s.acked)
+}
+
+/// A cluster with an open segment of topic `wr` placed away from the metadata leader.
+struct Placed {
+    nodes: Vec<NodeProc>,
+    /// The metadata leader's id.
+    x: u64,
+    /// Index in `nodes` of the segment's leader.
+    leader: usize,
+    /// Indexes of its other replicas.
+    others: Vec<usize>,
+    /// Payloads acknowledged so far, in order; the last three by every replica.
+    acked: Vec<Vec<u8>>,
+}
+
+/// Starts `n` nodes with `rf` replicas per segment (of at most 20 entries) and writes to `wr`
+/// until its open segment has room left and no replica on the metadata leader, and `accept`
+/// (leader id, other replica ids) agrees; then writes three more entries into it.
+fn segment_off_the_metadata_leader(
+    n: u64,
+    rf: u64,
+    dir: &std::path::Path,
+    accept: impl Fn(u64, &[u64]) -> bool,
+) -> Placed {
+    let rf = rf.to_string();
     let env = [
         ("WALRUS_MAX_SEGMENT_ENTRIES", "20"),
-        ("WALRUS_REPLICATION_FACTOR", "2"),
+        ("WALRUS_REPLICATION_FACTOR", rf.as_str()),
     ];
     let nodes = cluster_of(n, dir, &env);
     let mut c = nodes[0].client();
@@ -373,8 +400,7 @@ fn two_replica_segment(
         acked.push(p);
         i += 1;
     };
-    // Write until the open segment has room left and sits on the right nodes.
-    let (l, r) = loop {
+    let (l, others) = loop {
         put(&mut c, &mut acked);
         let state = ok(eventually(&mut c, b"STATE wr")).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&state).unwrap();
@@ -386,22 +412,27 @@ fn two_replica_segment(
             .iter()
             .map(|n| n.as_u64().unwrap())
             .collect();
-        let other = replicas.iter().copied().find(|&n| n != leader);
-        if let Some(r) = other {
-            if leader != x && r != x && r != 1 && open["committed"].as_u64().unwrap() <= 8 {
-                break (leader, r);
-            }
+        let others: Vec<u64> = replicas.iter().copied().filter(|&n| n != leader).collect();
+        if !replicas.contains(&x)
+            && replicas.len() as u64 == rf.parse::<u64>().unwrap()
+            && open["committed"].as_u64().unwrap() <= 8
+            && accept(leader, &others)
+        {
+            break (leader, others);
         }
-        assert!(
-            acked.len() < 400,
-            "no open segment on the two other nodes: {v}"
-        );
+        assert!(acked.len() < 400, "no open segment placed as wanted: {v}");
     };
-    // Acknowledged by L and R (both, a majority of two).
+    // Acknowledged in that segment (by a majority of its replicas: with two, both).
     for _ in 0..3 {
         put(&mut c, &mut acked);
     }
-    (nodes, l as usize - 1, r as usize - 1, x, acked)
+    Placed {
+        nodes,
+        x,
+        leader: l as usize - 1,
+        others: others.iter().map(|&o| o as usize - 1).collect(),
+        acked,
+    }
 }
 
 /// A replica that lost its disk holds none of what it acknowledged, so it must not count in a
@@ -444,7 +475,146 @@ fn wiped_replica_while_its_leader_is_down(nodes: u64, restart_again: bool) {
     nodes[l].restart();
     let mut cx = nodes[x as usize - 1].client();
     let got = drain_until(&mut cx, "wr", acked.len());
-    assert_eq!(got, acked);
+    assert_eq!(without_retries(got), acked);
+}
+
+/// A recovery seals at the longest length it fenced, which may include entries the old leader
+/// wrote but never got acknowledged. Those must be on a majority of the replicas before the
+/// seal commits: sealed on the old leader alone, they would be lost with it, and readers would
+/// stop at them for good (Tier B seed 5943). Three replicas L, A, B of five nodes; a write
+/// reaches only L's disk; A answers the fence and freezes; L answers with the longer length. No seal
+/// may commit while A cannot take the copy. Then L dies: the recovery fences again, seals at
+/// what A and B hold, and the topic reads on past the segment.
+#[test]
+fn failover_copies_a_tail_only_the_old_leader_holds_before_sealing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Placed {
+        mut nodes,
+        x,
+        leader: l,
+        others,
+        acked,
+    } = segment_off_the_metadata_leader(5, 3, tmp.path(), |_, _| true);
+    let (a, b) = (others[0], others[1]);
+    let mut cx = nodes[x as usize - 1].client();
+    let mut cl = nodes[l].client();
+    let (seg, held) = open_segment_count(&mut cl);
+
+    // Both followers die; a write reaches L's disk only, so it is never acknowledged.
+    nodes[a].kill();
+    nodes[b].kill();
+    let addr = nodes[l].addr();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&addr, Duration::from_secs(5)).unwrap();
+        let _ = c.request(b"PUT wr tail");
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_segment_count(&mut cl) != (seg, held + 1) {
+        assert!(Instant::now() < deadline, "L never stored the tail");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // L dies, so its lease lapses and a recovery starts. A comes back, answers the fence
+    // (holding `held` entries), and freezes. (L is restarted, not frozen: a voter frozen for
+    // seconds calls an election when it wakes, and a new metadata leader starts the recovery
+    // over.)
+    nodes[l].kill();
+    nodes[a].restart();
+    let a_id = (a + 1).to_string();
+    let l_id = (l + 1).to_string();
+    wait_for_recovery(&mut cx, seg, |r| r["fenced"].get(&a_id).is_some());
+    nodes[a].pause();
+
+    // L comes back and answers with the longest length. With L and the two nodes outside the
+    // segment, Raft has a majority: a seal could commit now, but only L holds the tail, so the
+    // recovery must wait to copy it.
+    nodes[l].restart();
+    let r = wait_for_recovery(&mut cx, seg, |r| r["fenced"].get(&l_id).is_some());
+    assert_eq!(r["fenced"][&l_id], held + 1, "{r}");
+    assert_eq!(r["len"], held + 1, "{r}");
+    assert_eq!(r["phase"], "copying", "{r}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, open) = segment_state(&mut cx, seg);
+    assert!(
+        open,
+        "sealed while only L held entry {held} of segment {seg}"
+    );
+
+    // L dies with the only copy of the tail. A and B come back: the recovery fences again and
+    // seals at what they hold; the topic reads on, past the segment, to a new write.
+    nodes[l].kill();
+    nodes[a].resume();
+    nodes[b].restart();
+    let _ = writer.join();
+    let got = drain_until(&mut cx, "wr", acked.len());
+    assert_eq!(without_retries(got), acked);
+    ok(eventually(&mut cx, b"PUT wr after"));
+    let got = drain_until(&mut cx, "wr", 1);
+    assert_eq!(got, vec![b"after".to_vec()]);
+    let (count, open) = segment_state(&mut cx, seg);
+    assert!(!open);
+    assert_eq!(count, held, "sealed with the unacknowledged tail");
+}
+
+/// `got` without the second copies of retried PUTs. The setup retries a PUT answered `ERR`,
+/// which may have been written all the same; with one sequential writer of distinct payloads,
+/// such a copy follows the first at once.
+fn without_retries(mut got: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    got.dedup();
+    got
+}
+
+/// The open segment of `wr` and the entries it holds, as its leader's `STATE` shows them.
+fn open_segment_count(c: &mut Client) -> (u64, u64) {
+    let state = ok(eventually(c, b"STATE wr")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    let open = v["segments"].as_array().unwrap().last().unwrap().clone();
+    (
+        open["id"].as_u64().unwrap(),
+        open["entry_count"].as_u64().unwrap(),
+    )
+}
+
+/// Segment `seg` of `wr`: its entry count (sealed: the sealed count) and whether it is open.
+fn segment_state(c: &mut Client, seg: u64) -> (u64, bool) {
+    let state = ok(eventually(c, b"STATE wr")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    let s = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == seg)
+        .unwrap_or_else(|| panic!("no segment {seg}: {v}"))
+        .clone();
+    (s["entry_count"].as_u64().unwrap(), s["sealed"] == false)
+}
+
+/// Polls the metadata leader's `METRICS` until its recovery of segment `seg` satisfies `f`
+/// (bounded); returns that recovery.
+fn wait_for_recovery(
+    c: &mut Client,
+    seg: u64,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = ok(eventually(c, b"METRICS")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        if let Some(r) = v["recoveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["segment"] == seg && f(r))
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery of segment {seg} as wanted: {}",
+            v["recoveries"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Replica sets of the sealed segments of `topic`, in chain order, from `STATE`.

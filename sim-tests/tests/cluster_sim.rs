@@ -231,8 +231,15 @@ const REGRESSIONS: &[(u64, &str)] = &[
     ),
     (
         1948,
-        "openraft purged the log behind an installed snapshot before the state machine had          kept it, and the install failed: the node could never start again",
+        "openraft purged the log behind an installed snapshot before the state machine had \
+         kept it, and the install failed: the node could never start again",
     ),
+    (
+        5943,
+        "a recovery sealed an unacknowledged tail only the old leader held, which then lost \
+         its disk: readers stopped at the segment for good",
+    ),
+    (10917, "the same tail sealed on one replica, on another schedule"),
 ];
 
 #[test]

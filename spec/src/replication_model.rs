@@ -25,6 +25,9 @@ pub enum RepBug {
     FollowerAcceptsStaleEpoch,
     /// Disks report a write complete before it is durable (as if acks were sent before fsync).
     AckBeforePersist,
+    /// A replica asked to copy a recovery's length claims at once to hold it (as if the
+    /// coordinator proposed the seal without waiting for the copies).
+    CopyClaimedEarly,
 }
 
 /// Bounds and variant of model B.
@@ -295,6 +298,31 @@ impl RepModel {
             return;
         }
         let Some(i) = idx(to) else { return };
+        if let (
+            RepBug::CopyClaimedEarly,
+            PeerMsg::CopyTo {
+                seg, epoch, len, ..
+            },
+        ) = (self.bug, &msg)
+        {
+            if s.nodes[i].role.is_some() {
+                let claim = PeerMsg::Copied {
+                    seg: seg.clone(),
+                    epoch: *epoch,
+                    from: to,
+                    len: *len,
+                };
+                self.run(
+                    s,
+                    to,
+                    vec![Effect::Send {
+                        to: COORDINATOR,
+                        msg: claim,
+                    }],
+                );
+                return;
+            }
+        }
         if s.nodes[i].role.is_none() {
             // Lost with the crashed node: senders must retransmit.
             s.lost = true;
@@ -638,6 +666,15 @@ impl Model for RepModel {
                 "a sealed segment contains every committed entry",
                 |_: &RepModel, s: &RepState| match Self::sealed_len(s) {
                     Some(l) => s.acked.iter().all(|&p| p < l),
+                    None => true,
+                },
+            ),
+            Property::always(
+                "every sealed entry is durable on a majority",
+                |_: &RepModel, s: &RepState| match Self::sealed_len(s) {
+                    // Three replicas: a majority and a fence quorum are both two. So losing
+                    // any one disk later leaves a copy of every entry the seal counts.
+                    Some(l) => (0..l).all(|p| Self::durable_holders(s, p).len() >= 2),
                     None => true,
                 },
             ),

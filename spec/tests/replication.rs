@@ -4,7 +4,7 @@
 use walrus_spec::replication_model::{RepBug, RepModel};
 use walrus_spec::{big, check};
 
-const SAFETY_AND_LIVENESS: [&str; 10] = [
+const SAFETY_AND_LIVENESS: [&str; 11] = [
     "domain consistency",
     "at most one writer per segment",
     "no writes after seal",
@@ -12,6 +12,7 @@ const SAFETY_AND_LIVENESS: [&str; 10] = [
     "no committed entry lost when a minority crashes",
     "a sealed segment contains every committed entry",
     "sealed counts equal the data",
+    "every sealed entry is durable on a majority",
     "liveness: over-full segment eventually sealed",
     "liveness: writes resume after leader crash",
     "liveness: recovery brings live replicas to the seal",
@@ -49,6 +50,17 @@ fn ack_before_persist_is_caught() {
     let r = check(
         "replication+AckBeforePersist",
         RepModel::small(RepBug::AckBeforePersist),
+        Some(prop),
+    );
+    assert!(r.discoveries.contains(&prop));
+}
+
+#[test]
+fn sealing_before_the_copies_are_made_is_caught() {
+    let prop = "every sealed entry is durable on a majority";
+    let r = check(
+        "replication+CopyClaimedEarly",
+        RepModel::small(RepBug::CopyClaimedEarly),
         Some(prop),
     );
     assert!(r.discoveries.contains(&prop));

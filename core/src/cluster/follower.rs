@@ -54,11 +54,15 @@ impl PendingIo {
     }
 }
 
-/// Where a replica stands with the seal of its segment.
+/// Where a replica stands with the seal of its segment (or, before the seal, with a
+/// recovery's copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SealTarget {
-    /// The sealed length.
+    /// The sealed length (or the length to copy).
     pub len: u64,
+    /// `true` once metadata sealed at `len` (`SealAt`: reach exactly `len`, cutting what lies
+    /// past it); `false` for a recovery's `CopyTo` (hold at least `len`, cut nothing).
+    pub sealed: bool,
     /// Who holds it.
     pub donor: NodeId,
     /// Who to tell.
@@ -189,7 +193,7 @@ impl SegmentFollower {
     /// Whether the replica durably holds exactly its sealed length with nothing in flight.
     pub fn is_sealed_done(&self) -> bool {
         self.seal.is_some_and(|s| {
-            self.durable == s.len && self.received == s.len && self.pending.is_empty()
+            s.sealed && self.durable == s.len && self.received == s.len && self.pending.is_empty()
         })
     }
 
@@ -226,6 +230,31 @@ impl SegmentFollower {
                 }
                 self.seal = Some(SealTarget {
                     len,
+                    sealed: true,
+                    donor,
+                    coordinator,
+                });
+                self.drive_seal(out);
+            }
+            PeerMsg::CopyTo {
+                epoch,
+                len,
+                donor,
+                coordinator,
+                ..
+            } => {
+                // Only a replica fenced at this recovery's epoch copies (the old leader can no
+                // longer add to it), and a seal, once known, decides instead.
+                if epoch != self.epoch
+                    || !self.fenced
+                    || !self.durable_epoch_done
+                    || self.seal.is_some_and(|t| t.sealed)
+                {
+                    return;
+                }
+                self.seal = Some(SealTarget {
+                    len,
+                    sealed: false,
                     donor,
                     coordinator,
                 });
@@ -369,7 +398,22 @@ impl SegmentFollower {
         if !self.durable_epoch_done {
             return;
         }
-        if self.received > target.len {
+        if !target.sealed {
+            // A copy: fetch up to `len` and report once it is durable; cut nothing.
+            if self.received < target.len {
+                self.fetch_tail(target, out);
+            } else if self.durable >= target.len {
+                out.push(Effect::Send {
+                    to: target.coordinator,
+                    msg: PeerMsg::Copied {
+                        seg: self.seg.clone(),
+                        epoch: self.epoch,
+                        from: self.me,
+                        len: self.durable,
+                    },
+                });
+            }
+        } else if self.received > target.len {
             // Entries past the seal were never committed (the seal includes every committed
             // entry), so cutting them loses nothing acknowledged.
             self.received = target.len;
@@ -385,18 +429,7 @@ impl SegmentFollower {
                 len: target.len,
             });
         } else if self.received < target.len {
-            if target.donor != self.me {
-                out.push(Effect::Send {
-                    to: target.donor,
-                    msg: PeerMsg::FetchTail {
-                        seg: self.seg.clone(),
-                        epoch: self.epoch,
-                        from: self.received,
-                        upto: target.len,
-                        requester: self.me,
-                    },
-                });
-            }
+            self.fetch_tail(target, out);
         } else if self.is_sealed_done() {
             out.push(Effect::Send {
                 to: target.coordinator,
@@ -405,6 +438,21 @@ impl SegmentFollower {
                     epoch: self.epoch,
                     from: self.me,
                     len: target.len,
+                },
+            });
+        }
+    }
+
+    fn fetch_tail(&self, target: SealTarget, out: &mut Vec<Effect>) {
+        if target.donor != self.me {
+            out.push(Effect::Send {
+                to: target.donor,
+                msg: PeerMsg::FetchTail {
+                    seg: self.seg.clone(),
+                    epoch: self.epoch,
+                    from: self.received,
+                    upto: target.len,
+                    requester: self.me,
                 },
             });
         }

@@ -202,6 +202,31 @@ pub enum PeerMsg {
         /// Its durable length.
         len: u64,
     },
+    /// Coordinator → fenced replica: before the seal is proposed, durably hold the first `len`
+    /// entries, fetching what is missing from `donor`; answer with `Copied`.
+    CopyTo {
+        /// Which segment.
+        seg: SegmentRef,
+        /// The recovery epoch (the replica must be fenced at it).
+        epoch: Epoch,
+        /// The length the recovery will seal at.
+        len: u64,
+        /// A replica known to hold `len` entries.
+        donor: NodeId,
+        /// Who to answer.
+        coordinator: NodeId,
+    },
+    /// Fenced replica → coordinator: I durably hold `len` entries (at least what `CopyTo` asked).
+    Copied {
+        /// Which segment.
+        seg: SegmentRef,
+        /// The recovery epoch.
+        epoch: Epoch,
+        /// The replica.
+        from: NodeId,
+        /// Its durable length.
+        len: u64,
+    },
     /// Coordinator → replica: the segment is sealed at `len`; fetch missing entries from `donor`.
     SealAt {
         /// Which segment.
@@ -261,6 +286,8 @@ impl PeerMsg {
             | PeerMsg::AppendNack { seg, .. }
             | PeerMsg::Fence { seg, .. }
             | PeerMsg::FenceAck { seg, .. }
+            | PeerMsg::CopyTo { seg, .. }
+            | PeerMsg::Copied { seg, .. }
             | PeerMsg::SealAt { seg, .. }
             | PeerMsg::FetchTail { seg, .. }
             | PeerMsg::TailData { seg, .. }

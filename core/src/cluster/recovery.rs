@@ -1,13 +1,24 @@
 //! Recovery of a segment whose leader is gone, as run by the metadata leader: fence the old
 //! epoch on the replicas, collect the durable lengths of a fence quorum (enough replicas to meet
-//! every majority; see `fence_quorum`), propose sealing at the longest
-//! (which includes every committed entry), then drive every replica to exactly that length. It
-//! must only be started once the old lease can no longer be valid (see `lease::LeaseTable`), and
-//! it never writes metadata itself: it proposes `Recover`.
+//! every majority; see `fence_quorum`), choose the longest (which includes every committed
+//! entry), copy it to enough fenced replicas (`Phase::Copying`), only then propose sealing there,
+//! and finally drive every replica to exactly that length. It must only be started once the old
+//! lease can no longer be valid (see `lease::LeaseTable`), and it never writes metadata itself:
+//! it proposes `Recover`.
 //!
 //! Why the longest of a fence quorum: a committed entry is durable on a majority, which meets
 //! every fence quorum, so at least one fenced replica holds it. Fencing first guarantees no entry can
 //! become committed at the old epoch after the lengths were collected.
+//!
+//! Why copy before proposing: the longest length may include entries that were never
+//! acknowledged and that only one replica (often the old leader) holds. Sealed, they are part
+//! of the segment for good; if that one replica then lost its disk, the segment would have
+//! entries nobody holds and its readers would stop there forever. So the entries up to the
+//! chosen length are first made durable on a majority of the replicas (as durable as an
+//! acknowledged entry), or, if only a fence quorum of replicas answers for a while, on a
+//! fence quorum (fewer than a majority only for an even number of replicas). A copy that makes
+//! no progress (its donor died, say) starts the fencing over: lengths are collected again and a
+//! new length chosen, which is safe since nothing was proposed yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,6 +32,13 @@ use super::{majority, Effect, Epoch, NodeId, PeerMsg, SegmentRef};
 pub fn fence_quorum(n: usize) -> usize {
     (n + 1).saturating_sub(majority(n)).min(n)
 }
+
+/// Coordinator ticks a recovery waits in `Phase::Copying` for a majority of the replicas to
+/// hold the chosen length before it settles for a fence quorum.
+pub const COPY_PATIENCE_TICKS: u32 = 2;
+
+/// Coordinator ticks without reaching enough copies after which a recovery fences again.
+pub const COPY_STALL_TICKS: u32 = 8;
 
 /// An input to a recovery.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -42,6 +60,16 @@ pub enum RecoveryInput {
 pub enum Phase {
     /// Waiting for a fence quorum of `FenceAck`s.
     Fencing,
+    /// Chose `len` (the longest of a fence quorum); copying it from `donor` to fenced replicas
+    /// that hold less, until enough hold it durably (`Recovery::copies_needed`).
+    Copying {
+        /// The length to seal at.
+        len: u64,
+        /// A replica holding `len` entries.
+        donor: NodeId,
+        /// Ticks spent in this phase.
+        ticks: u32,
+    },
     /// `Recover { entries: len }` proposed; waiting for metadata to seal.
     Proposed {
         /// Proposed seal length.
@@ -107,7 +135,7 @@ impl Recovery {
             RecoveryInput::Peer(PeerMsg::FenceAck {
                 epoch, from, len, ..
             }) if epoch == self.new_epoch && self.replicas.contains(&from) => {
-                self.fenced.insert(from, len);
+                self.held(from, len);
                 if self.phase == Phase::Fencing
                     && self.fenced.len() >= fence_quorum(self.replicas.len())
                 {
@@ -120,8 +148,25 @@ impl Recovery {
                         // Longest first; on a tie the lowest node id, for determinism.
                         .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
                         .unwrap_or((0, self.me));
-                    self.phase = Phase::Proposed { len, donor };
-                    out.push(self.proposal(len));
+                    self.phase = Phase::Copying {
+                        len,
+                        donor,
+                        ticks: 0,
+                    };
+                    self.drive_copies(out);
+                } else if let Phase::Copying { len: want, .. } = self.phase {
+                    // A replica fenced late: it may complete the copies, or take one.
+                    if !self.enough_copies(out) && len < want {
+                        self.send_copy(from, out);
+                    }
+                }
+            }
+            RecoveryInput::Peer(PeerMsg::Copied {
+                epoch, from, len, ..
+            }) if epoch == self.new_epoch && self.replicas.contains(&from) => {
+                if self.fenced.contains_key(&from) {
+                    self.held(from, len);
+                    self.enough_copies(out);
                 }
             }
             RecoveryInput::Peer(PeerMsg::SealDone {
@@ -141,9 +186,10 @@ impl Recovery {
             }
             RecoveryInput::Peer(_) => {}
             RecoveryInput::SegmentSealed { entries } => {
-                if let Phase::Proposed { donor, .. } = self.phase {
-                    // If the old leader's own seal won, it sealed no more than was committed,
-                    // which the longest fenced replica (the donor) holds.
+                if let Phase::Proposed { donor, .. } | Phase::Copying { donor, .. } = self.phase {
+                    // If the old leader's own seal won (before or after the copies), it sealed
+                    // no more than was committed, which the longest fenced replica (the donor)
+                    // holds.
                     self.phase = Phase::Sealing {
                         len: entries,
                         donor,
@@ -152,9 +198,25 @@ impl Recovery {
                     self.send_seals(out);
                 }
             }
-            RecoveryInput::Tick => match &self.phase {
+            RecoveryInput::Tick => match &mut self.phase {
                 Phase::Fencing => self.send_fences(out),
-                Phase::Proposed { len, .. } => out.push(self.proposal(*len)),
+                Phase::Copying { ticks, .. } => {
+                    *ticks += 1;
+                    if *ticks >= COPY_STALL_TICKS {
+                        // No progress: fence again and choose afresh from what the replicas
+                        // hold now (a donor that died no longer answers; copies made so far
+                        // count in the new lengths).
+                        self.fenced.clear();
+                        self.phase = Phase::Fencing;
+                        self.send_fences(out);
+                    } else {
+                        self.drive_copies(out);
+                    }
+                }
+                Phase::Proposed { len, .. } => {
+                    let len = *len;
+                    out.push(self.proposal(len))
+                }
                 Phase::Sealing { donor, done, .. } => {
                     // The donor may have crashed; any replica that reported `SealDone` holds
                     // exactly the sealed entries and can serve the stragglers instead.
@@ -177,6 +239,12 @@ impl Recovery {
         &self.phase
     }
 
+    /// The replicas that answered the fence, with the entries each holds durably (as far as
+    /// this recovery knows: copies count once reported).
+    pub fn fenced(&self) -> &BTreeMap<NodeId, u64> {
+        &self.fenced
+    }
+
     /// The epoch this recovery fences with.
     pub fn new_epoch(&self) -> Epoch {
         self.new_epoch
@@ -185,6 +253,77 @@ impl Recovery {
     /// The segment.
     pub fn seg(&self) -> &SegmentRef {
         &self.seg
+    }
+
+    /// How many replicas must hold the chosen length durably before it is proposed: a
+    /// majority, or after `COPY_PATIENCE_TICKS` a fence quorum (which a recovery can always
+    /// reach when it could fence at all).
+    pub fn copies_needed(&self) -> usize {
+        let n = self.replicas.len();
+        match self.phase {
+            Phase::Copying { ticks, .. } if ticks >= COPY_PATIENCE_TICKS => fence_quorum(n),
+            _ => majority(n),
+        }
+    }
+
+    /// Records that fenced replica `from` durably holds `len` entries (lengths of a fenced
+    /// replica only grow: the old leader can no longer write to it).
+    fn held(&mut self, from: NodeId, len: u64) {
+        let l = self.fenced.entry(from).or_default();
+        *l = (*l).max(len);
+    }
+
+    /// In `Copying`: proposes (and returns `true`) once enough fenced replicas hold the chosen
+    /// length.
+    fn enough_copies(&mut self, out: &mut Vec<Effect>) -> bool {
+        let Phase::Copying { len, donor, .. } = self.phase else {
+            return false;
+        };
+        let holders = self.fenced.values().filter(|&&l| l >= len).count();
+        if holders < self.copies_needed() {
+            return false;
+        }
+        self.phase = Phase::Proposed { len, donor };
+        out.push(self.proposal(len));
+        true
+    }
+
+    /// In `Copying`: proposes if enough replicas hold the chosen length; otherwise asks every
+    /// fenced replica that holds less to copy it, and keeps fencing the others (which may then
+    /// take a copy too).
+    fn drive_copies(&mut self, out: &mut Vec<Effect>) {
+        let Phase::Copying { len, .. } = self.phase else {
+            return;
+        };
+        if self.enough_copies(out) {
+            return;
+        }
+        let short: Vec<NodeId> = self
+            .fenced
+            .iter()
+            .filter(|&(_, &l)| l < len)
+            .map(|(&n, _)| n)
+            .collect();
+        for to in short {
+            self.send_copy(to, out);
+        }
+        self.send_fences(out);
+    }
+
+    fn send_copy(&self, to: NodeId, out: &mut Vec<Effect>) {
+        let Phase::Copying { len, donor, .. } = self.phase else {
+            return;
+        };
+        out.push(Effect::Send {
+            to,
+            msg: PeerMsg::CopyTo {
+                seg: self.seg.clone(),
+                epoch: self.new_epoch,
+                len,
+                donor,
+                coordinator: self.me,
+            },
+        });
     }
 
     fn proposal(&self, len: u64) -> Effect {

@@ -103,6 +103,23 @@ impl NodeProc {
         self.spawn(self.join);
     }
 
+    /// Freezes the process (SIGSTOP): it keeps its sockets but answers nothing until
+    /// [`NodeProc::resume`].
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the node is running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal the node");
+    }
+
     /// Waits up to `limit` for the process to exit on its own; its status if it did.
     pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;

@@ -1,5 +1,6 @@
 //! "no writes after seal" and "sealed counts equal the data": a sealed count never changes once
-//! applied, a replica that durably recorded a fence never writes past the seal, and a replica
+//! applied, a replica that durably recorded a fence never writes past the seal (but for a
+//! recovery's copy that raced the old leader's seal), and a replica
 //! that reports its seal done holds exactly the sealed entries.
 
 use walrus_core::cluster::SegmentRef;
@@ -44,7 +45,15 @@ pub fn on_persist(
 ) -> Option<Violation> {
     let sealed = w.sealed_seen.get(seg)?;
     let fenced = w.nodes[i].disks.get(seg).and_then(|d| d.fenced)?;
-    if pos + len as u64 > *sealed {
+    // A recovery's copy (made before it proposes its seal) may race the old leader's own seal,
+    // which counts only what was committed and so may end short of the copy; the `SealAt`
+    // that follows cuts the copy back. Any other write past the seal is a fenced replica
+    // taking the old leader's writes.
+    let copying = matches!(
+        w.nodes[i].roles.get(seg),
+        Some(Role::Follower(f)) if f.seal_target().is_some_and(|t| !t.sealed)
+    );
+    if pos + len as u64 > *sealed && !copying {
         return Some(Violation::new(
             NAME,
             format!(

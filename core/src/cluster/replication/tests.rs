@@ -4,7 +4,9 @@
 
 use super::*;
 use crate::cluster::follower::{FollowerInput, SegmentFollower};
-use crate::cluster::recovery::{Phase, Recovery, RecoveryInput};
+use crate::cluster::recovery::{
+    Phase, Recovery, RecoveryInput, COPY_PATIENCE_TICKS, COPY_STALL_TICKS,
+};
 use crate::cluster::rollover::RolloverPolicy;
 use proptest::prelude::*;
 
@@ -398,7 +400,7 @@ fn recover_proposal(entries: u64) -> Vec<Effect> {
 }
 
 #[test]
-fn recovery_fences_seals_at_longest_and_catches_up() {
+fn recovery_fences_copies_the_longest_to_a_majority_then_seals() {
     let mut out = Vec::new();
     let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3], &mut out).unwrap();
     let fence = |to| Effect::Send {
@@ -414,30 +416,38 @@ fn recovery_fences_seals_at_longest_and_catches_up() {
     rec.handle(fence_ack(N2, 3), &mut out);
     assert_eq!(out, vec![]);
     rec.handle(fence_ack(N3, 1), &mut out);
-    assert_eq!(out, recover_proposal(3));
-    out.clear();
-    rec.handle(RecoveryInput::SegmentSealed { entries: 3 }, &mut out);
-    assert_eq!(out.len(), 3);
-    assert!(matches!(
-        rec.phase(),
-        Phase::Sealing {
-            len: 3,
-            donor: N2,
-            ..
-        }
-    ));
-
-    // N3 lags: it fetches the tail from the donor N2.
-    let mut f3 = SegmentFollower::restore(N3, seg(), N1, Epoch(0), Some(Epoch(1)), 1);
-    let seal_at = PeerMsg::SealAt {
+    // Only N2 holds entries 1 and 2 (maybe never acknowledged): before they are sealed, N3
+    // copies them, and N1 is still asked to fence.
+    let copy_to = PeerMsg::CopyTo {
         seg: seg(),
         epoch: Epoch(1),
         len: 3,
         donor: N2,
         coordinator: N3,
     };
+    assert_eq!(
+        out,
+        vec![
+            Effect::Send {
+                to: N3,
+                msg: copy_to.clone()
+            },
+            fence(N1)
+        ]
+    );
+    assert!(matches!(
+        rec.phase(),
+        Phase::Copying {
+            len: 3,
+            donor: N2,
+            ..
+        }
+    ));
+
+    // N3 fetches the tail from the donor N2.
+    let mut f3 = SegmentFollower::restore(N3, seg(), N1, Epoch(0), Some(Epoch(1)), 1);
     out.clear();
-    f3.handle(FollowerInput::Peer(seal_at.clone()), &mut out);
+    f3.handle(FollowerInput::Peer(copy_to), &mut out);
     let fetch = PeerMsg::FetchTail {
         seg: seg(),
         epoch: Epoch(1),
@@ -487,6 +497,48 @@ fn recovery_fences_seals_at_longest_and_catches_up() {
     );
     out.clear();
     f3.handle(FollowerInput::IoDone { io: IoId(0) }, &mut out);
+    let copied = PeerMsg::Copied {
+        seg: seg(),
+        epoch: Epoch(1),
+        from: N3,
+        len: 3,
+    };
+    assert_eq!(
+        out,
+        vec![Effect::Send {
+            to: N3,
+            msg: copied.clone()
+        }]
+    );
+    assert!(!f3.is_sealed_done(), "a copy is not a seal");
+
+    // Two of three replicas hold the length: only now is it proposed.
+    out.clear();
+    rec.handle(RecoveryInput::Peer(copied), &mut out);
+    assert_eq!(out, recover_proposal(3));
+    out.clear();
+    rec.handle(RecoveryInput::SegmentSealed { entries: 3 }, &mut out);
+    assert_eq!(out.len(), 3);
+    assert!(matches!(
+        rec.phase(),
+        Phase::Sealing {
+            len: 3,
+            donor: N2,
+            ..
+        }
+    ));
+    // N3 already holds the sealed length.
+    out.clear();
+    f3.handle(
+        FollowerInput::Peer(PeerMsg::SealAt {
+            seg: seg(),
+            epoch: Epoch(1),
+            len: 3,
+            donor: N2,
+            coordinator: N3,
+        }),
+        &mut out,
+    );
     assert_eq!(
         out,
         vec![Effect::Send {
@@ -500,6 +552,124 @@ fn recovery_fences_seals_at_longest_and_catches_up() {
         }]
     );
     assert!(f3.is_sealed_done());
+}
+
+#[test]
+fn recovery_whose_copy_stalls_fences_again_and_chooses_afresh() {
+    let mut out = Vec::new();
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3], &mut out).unwrap();
+    rec.handle(fence_ack(N1, 5), &mut out);
+    rec.handle(fence_ack(N2, 3), &mut out);
+    assert!(matches!(
+        rec.phase(),
+        Phase::Copying {
+            len: 5,
+            donor: N1,
+            ..
+        }
+    ));
+    // The donor N1 dies (its disk with it): N2's copy never completes.
+    for _ in 0..COPY_STALL_TICKS - 1 {
+        out.clear();
+        rec.handle(RecoveryInput::Tick, &mut out);
+        assert!(out.iter().all(|e| !matches!(e, Effect::Propose(_))));
+    }
+    assert!(matches!(rec.phase(), Phase::Copying { .. }));
+    out.clear();
+    rec.handle(RecoveryInput::Tick, &mut out);
+    assert_eq!(rec.phase(), &Phase::Fencing);
+    assert_eq!(out.len(), 3, "fences every replica again: {out:?}");
+    // N1 no longer answers; N2 and N3 do, and N2 holds the longest of them.
+    out.clear();
+    rec.handle(fence_ack(N2, 3), &mut out);
+    rec.handle(fence_ack(N3, 3), &mut out);
+    assert_eq!(out, recover_proposal(3));
+}
+
+#[test]
+fn recovery_of_an_even_replica_set_waits_a_while_for_a_majority_of_copies() {
+    // Four replicas: a fence quorum is two, a majority three.
+    let n4 = NodeId(4);
+    let mut out = Vec::new();
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3, n4], &mut out).unwrap();
+    rec.handle(fence_ack(N1, 4), &mut out);
+    rec.handle(fence_ack(N2, 4), &mut out);
+    assert!(matches!(rec.phase(), Phase::Copying { len: 4, .. }));
+    assert_eq!(rec.copies_needed(), 3);
+    for _ in 0..COPY_PATIENCE_TICKS - 1 {
+        out.clear();
+        rec.handle(RecoveryInput::Tick, &mut out);
+        assert!(out.iter().all(|e| !matches!(e, Effect::Propose(_))));
+    }
+    // N3 and N4 never answer: two copies (a fence quorum) have to do.
+    out.clear();
+    rec.handle(RecoveryInput::Tick, &mut out);
+    assert_eq!(out, recover_proposal(4));
+}
+
+#[test]
+fn a_seal_by_the_old_leader_ends_the_copying() {
+    let mut out = Vec::new();
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3], &mut out).unwrap();
+    rec.handle(fence_ack(N1, 5), &mut out);
+    rec.handle(fence_ack(N2, 3), &mut out);
+    out.clear();
+    // The old leader's seal (at what was committed) won the race.
+    rec.handle(RecoveryInput::SegmentSealed { entries: 3 }, &mut out);
+    assert!(matches!(
+        rec.phase(),
+        Phase::Sealing {
+            len: 3,
+            donor: N1,
+            ..
+        }
+    ));
+    assert!(out.iter().all(|e| matches!(
+        e,
+        Effect::Send {
+            msg: PeerMsg::SealAt { len: 3, .. },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn a_replica_copies_only_once_fenced_at_the_recovery_epoch() {
+    let copy_to = |epoch| {
+        FollowerInput::Peer(PeerMsg::CopyTo {
+            seg: seg(),
+            epoch: Epoch(epoch),
+            len: 3,
+            donor: N2,
+            coordinator: N3,
+        })
+    };
+    let mut out = Vec::new();
+    // Not fenced: the old leader could still add to it.
+    let mut f = SegmentFollower::new(N1, seg(), N2, Epoch(0));
+    f.handle(copy_to(1), &mut out);
+    f.handle(copy_to(0), &mut out);
+    assert_eq!(out, vec![]);
+    assert_eq!(f.seal_target(), None);
+    // Fenced at another epoch.
+    let mut f = SegmentFollower::restore(N1, seg(), N2, Epoch(0), Some(Epoch(2)), 1);
+    f.handle(copy_to(1), &mut out);
+    assert_eq!(out, vec![]);
+    // Holding more than asked: answers at once with what it holds, cuts nothing.
+    let mut f = SegmentFollower::restore(N1, seg(), N2, Epoch(0), Some(Epoch(1)), 4);
+    f.handle(copy_to(1), &mut out);
+    assert_eq!(
+        out,
+        vec![Effect::Send {
+            to: N3,
+            msg: PeerMsg::Copied {
+                seg: seg(),
+                epoch: Epoch(1),
+                from: N1,
+                len: 4
+            }
+        }]
+    );
 }
 
 #[test]
@@ -681,5 +851,12 @@ fn recovery_of_a_two_replica_segment_needs_only_the_survivor() {
     let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2], &mut out).unwrap();
     out.clear();
     rec.handle(fence_ack(N2, 4), &mut out);
+    // It waits a little for the other replica (both would hold the seal) ...
+    assert!(out.iter().all(|e| !matches!(e, Effect::Propose(_))));
+    for _ in 0..COPY_PATIENCE_TICKS {
+        out.clear();
+        rec.handle(RecoveryInput::Tick, &mut out);
+    }
+    // ... then seals from the survivor alone.
     assert_eq!(out, recover_proposal(4));
 }

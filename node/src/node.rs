@@ -1160,14 +1160,19 @@ impl Node {
         let seg = SegmentId(segment);
         let held = self.local_entry_count(topic, seg);
         if held < len {
-            let mut sources = vec![NodeId(donor)];
-            let others = self
-                .with_segment(topic, seg, |s| s.replicas.clone())
-                .unwrap_or_default();
-            sources.extend(others.into_iter().filter(|&r| r != NodeId(donor)));
-            self.spawn_repair(topic, seg, len, sources);
+            self.repair_from(topic, seg, len, NodeId(donor));
         }
         held
+    }
+
+    /// Starts fetching entries up to `len` of `seg` from `donor`, then the other replicas.
+    fn repair_from(self: &Arc<Self>, topic: &str, seg: SegmentId, len: u64, donor: NodeId) {
+        let mut sources = vec![donor];
+        let others = self
+            .with_segment(topic, seg, |s| s.replicas.clone())
+            .unwrap_or_default();
+        sources.extend(others.into_iter().filter(|&r| r != donor));
+        self.spawn_repair(topic, seg, len, sources);
     }
 
     /// Replica side of a recovery's copy, before the seal is proposed: make sure the first
@@ -1204,12 +1209,7 @@ impl Node {
             return Err(format!("segment {segment} is sealed or unknown here"));
         }
         if self.local_entry_count(topic, seg) < len {
-            let mut sources = vec![NodeId(donor)];
-            let others = self
-                .with_segment(topic, seg, |s| s.replicas.clone())
-                .unwrap_or_default();
-            sources.extend(others.into_iter().filter(|&r| r != NodeId(donor)));
-            self.spawn_repair(topic, seg, len, sources);
+            self.repair_from(topic, seg, len, NodeId(donor));
             let deadline = Instant::now() + COPY_WAIT;
             while self.local_entry_count(topic, seg) < len && Instant::now() < deadline {
                 tokio::time::sleep(COPY_POLL).await;

@@ -239,7 +239,10 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a recovery sealed an unacknowledged tail only the old leader held, which then lost \
          its disk: readers stopped at the segment for good",
     ),
-    (10917, "the same tail sealed on one replica, on another schedule"),
+    (
+        10917,
+        "the same tail sealed on one replica, on another schedule",
+    ),
 ];
 
 #[test]

@@ -529,16 +529,7 @@ fn recovery_fences_copies_the_longest_to_a_majority_then_seals() {
     ));
     // N3 already holds the sealed length.
     out.clear();
-    f3.handle(
-        FollowerInput::Peer(PeerMsg::SealAt {
-            seg: seg(),
-            epoch: Epoch(1),
-            len: 3,
-            donor: N2,
-            coordinator: N3,
-        }),
-        &mut out,
-    );
+    f3.handle(FollowerInput::Peer(seal_at_3()), &mut out);
     assert_eq!(
         out,
         vec![Effect::Send {
@@ -672,20 +663,22 @@ fn a_replica_copies_only_once_fenced_at_the_recovery_epoch() {
     );
 }
 
+/// The epoch-1 recovery's `SealAt` of `seg()` at 3 entries, donor N2, coordinator N3.
+fn seal_at_3() -> PeerMsg {
+    PeerMsg::SealAt {
+        seg: seg(),
+        epoch: Epoch(1),
+        len: 3,
+        donor: N2,
+        coordinator: N3,
+    }
+}
+
 #[test]
 fn survivor_with_uncommitted_tail_truncates_to_the_seal() {
     let mut f = SegmentFollower::restore(N1, seg(), N1, Epoch(0), Some(Epoch(1)), 5);
     let mut out = Vec::new();
-    f.handle(
-        FollowerInput::Peer(PeerMsg::SealAt {
-            seg: seg(),
-            epoch: Epoch(1),
-            len: 3,
-            donor: N2,
-            coordinator: N3,
-        }),
-        &mut out,
-    );
+    f.handle(FollowerInput::Peer(seal_at_3()), &mut out);
     assert_eq!(
         out,
         vec![Effect::Truncate {

@@ -2454,6 +2454,7 @@ impl Node {
                     let mut effects = Vec::new();
                     if let Some(rec) =
                         Recovery::start(self.me(), r.clone(), s.epoch, &s.replicas, &mut effects)
+                            .map(|rec| rec.with_copy_patience(self.copy_patience_ticks()))
                     {
                         tracing::warn!(topic = %r.topic, segment = r.segment.0, leader = holder.0,
                             epoch = s.epoch.0, "segment leader's lease lapsed; failing over");
@@ -2504,6 +2505,17 @@ impl Node {
                 self.run_recovery_effect(r, effect, tx.clone());
             }
         }
+    }
+
+    /// Recovery ticks a recovery of a segment with an even number of replicas waits for a
+    /// majority of them to hold its length before it seals on a fence quorum (one of two):
+    /// `--re-replicate-after`, the time after which an unreachable node counts as gone. A
+    /// seal on one copy of two could otherwise lose, with that one disk, entries it counted
+    /// (Tier B seed 14944).
+    fn copy_patience_ticks(&self) -> u32 {
+        let tick = FAILOVER_TICK * RECOVERY_RESEND_TICKS;
+        u32::try_from(self.cfg.re_replicate_after.as_millis() / tick.as_millis())
+            .unwrap_or(u32::MAX)
     }
 
     /// Asks voter `node` how long ago it last heard from a metadata leader (for `Takeover`);

@@ -243,6 +243,16 @@ const REGRESSIONS: &[(u64, &str)] = &[
         10917,
         "the same tail sealed on one replica, on another schedule",
     ),
+    (
+        14422,
+        "openraft replicated log entries after a purged range head as if contiguous: the \
+         follower panicked on the gap",
+    ),
+    (
+        14944,
+        "a 2-replica segment sealed on one copy after 1 s of the other being unreachable; \
+         that copy's disk was then lost",
+    ),
 ];
 
 #[test]

@@ -15,8 +15,9 @@
 //! of the segment for good; if that one replica then lost its disk, the segment would have
 //! entries nobody holds and its readers would stop there forever. So the entries up to the
 //! chosen length are first made durable on a majority of the replicas (as durable as an
-//! acknowledged entry), or, if only a fence quorum of replicas answers for a while, on a
-//! fence quorum (fewer than a majority only for an even number of replicas). A copy that makes
+//! acknowledged entry), or, if only a fence quorum of replicas answers for a long while (the
+//! copy patience: in the node, the time after which a node counts as gone), on a fence quorum
+//! (fewer than a majority only for an even number of replicas). A copy that makes
 //! no progress (its donor died, say) starts the fencing over: lengths are collected again and a
 //! new length chosen, which is safe since nothing was proposed yet.
 
@@ -33,8 +34,9 @@ pub fn fence_quorum(n: usize) -> usize {
     (n + 1).saturating_sub(majority(n)).min(n)
 }
 
-/// Coordinator ticks a recovery waits in `Phase::Copying` for a majority of the replicas to
-/// hold the chosen length before it settles for a fence quorum.
+/// Coordinator ticks a recovery spends in `Phase::Copying` (over all its rounds of fencing),
+/// by default, waiting for a majority of the replicas to hold the chosen length before it
+/// settles for a fence quorum (`Recovery::with_copy_patience` sets it).
 pub const COPY_PATIENCE_TICKS: u32 = 2;
 
 /// Coordinator ticks without reaching enough copies after which a recovery fences again.
@@ -103,6 +105,10 @@ pub struct Recovery {
     replicas: Vec<NodeId>,
     fenced: BTreeMap<NodeId, u64>,
     phase: Phase,
+    /// Ticks spent in `Phase::Copying`, over every round of fencing.
+    copy_ticks: u32,
+    /// `copy_ticks` after which a fence quorum of copies suffices.
+    copy_patience: u32,
 }
 
 impl Recovery {
@@ -124,9 +130,20 @@ impl Recovery {
             replicas: replicas.to_vec(),
             fenced: BTreeMap::new(),
             phase: Phase::Fencing,
+            copy_ticks: 0,
+            copy_patience: COPY_PATIENCE_TICKS,
         };
         r.send_fences(out);
         Some(r)
+    }
+
+    /// Waits `ticks` ticks of copying (rather than `COPY_PATIENCE_TICKS`) for a majority of
+    /// the replicas before settling for a fence quorum. This only matters for an even number
+    /// of replicas, where a fence quorum is less than a majority: a 2-replica segment whose
+    /// other replica is away seals on one copy only after this long.
+    pub fn with_copy_patience(mut self, ticks: u32) -> Recovery {
+        self.copy_patience = ticks;
+        self
     }
 
     /// Handles one input, appending effects to `out`.
@@ -202,6 +219,7 @@ impl Recovery {
                 Phase::Fencing => self.send_fences(out),
                 Phase::Copying { ticks, .. } => {
                     *ticks += 1;
+                    self.copy_ticks = self.copy_ticks.saturating_add(1);
                     if *ticks >= COPY_STALL_TICKS {
                         // No progress: fence again and choose afresh from what the replicas
                         // hold now (a donor that died no longer answers; copies made so far
@@ -256,13 +274,14 @@ impl Recovery {
     }
 
     /// How many replicas must hold the chosen length durably before it is proposed: a
-    /// majority, or after `COPY_PATIENCE_TICKS` a fence quorum (which a recovery can always
+    /// majority, or once the copy patience ran out a fence quorum (which a recovery can always
     /// reach when it could fence at all).
     pub fn copies_needed(&self) -> usize {
         let n = self.replicas.len();
-        match self.phase {
-            Phase::Copying { ticks, .. } if ticks >= COPY_PATIENCE_TICKS => fence_quorum(n),
-            _ => majority(n),
+        if self.copy_ticks >= self.copy_patience {
+            fence_quorum(n)
+        } else {
+            majority(n)
         }
     }
 

@@ -635,6 +635,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         Ok(found)
     }
+
+    /// What openraft's replication sends as the entries right after `start - 1`: so only a
+    /// gapless run that starts at `start`. If the head of the range was purged meanwhile (the
+    /// purge can overtake a replication round), nothing: openraft then sends a heartbeat and,
+    /// next round, the snapshot. Later entries would make the follower panic on the gap
+    /// (Tier B seed 14422).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        let mem = self.mem().map_err(read_err)?;
+        Ok(mem
+            .log
+            .range(start..end.max(start))
+            .zip(start..)
+            .take_while(|((&index, _), want)| index == *want)
+            .map(|((_, e), _)| e.clone())
+            .collect())
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -860,6 +880,41 @@ mod tests {
             }
         }
         out
+    }
+
+    /// openraft's replication sends what `limited_get_log_entries` returns as the entries right
+    /// after the range's start: a range whose head was purged must come back empty, never as
+    /// the later entries (a follower panics on the gap; Tier B seed 14422).
+    #[cfg(not(madsim))]
+    #[test]
+    fn a_read_whose_start_was_purged_returns_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path()).unwrap();
+        store
+            .shared
+            .append((0..20).map(|i| entry(1, i)).collect())
+            .unwrap();
+        store
+            .shared
+            .write_log_record(LogRecordRef::Purge(entry(1, 9).log_id))
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let read = |store: &mut LogStore, r: std::ops::Range<u64>| {
+            rt.block_on(store.limited_get_log_entries(r.start, r.end))
+                .unwrap()
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(read(&mut store, 5..15), Vec::<u64>::new());
+        assert_eq!(read(&mut store, 10..13), vec![10, 11, 12]);
+        assert_eq!(read(&mut store, 18..30), vec![18, 19]);
+        assert_eq!(read(&mut store, 12..12), Vec::<u64>::new());
+        // The plain reader still returns whatever of a range is there.
+        let all = rt.block_on(store.try_get_log_entries(5..15)).unwrap();
+        assert_eq!(all.len(), 5);
     }
 
     #[test]

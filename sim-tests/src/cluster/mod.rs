@@ -488,20 +488,19 @@ struct Faults {
 impl Faults {
     fn inject(&mut self) {
         let cfg = &self.world.cfg;
-        let kind = cfg.faults[self.rng.below(cfg.faults.len())];
+        let mut kind = cfg.faults[self.rng.below(cfg.faults.len())];
         let n = cfg.nodes;
         let net = NetSim::current();
         let now = self.world.now_ms();
         match kind {
             ClusterFault::Kill | ClusterFault::Wipe => {
-                let wipe = kind == ClusterFault::Wipe;
                 // A wipe loses every copy a node held: once per run, and only where every
-                // acknowledged entry is on two nodes or more.
-                if wipe
-                    && (cfg.replication_factor < 3 || !self.world.wiped.lock().unwrap().is_empty())
-                {
-                    return;
-                }
+                // acknowledged entry is on two nodes or more. A wipe that may not happen is a
+                // kill instead, so that a run always has faults (seeds 14385, 14914: with one
+                // replica and few fault kinds, every draw was a refused wipe).
+                let mut wipe = kind == ClusterFault::Wipe
+                    && cfg.replication_factor >= 3
+                    && self.world.wiped.lock().unwrap().is_empty();
                 // Keep a majority up so that the run keeps making progress.
                 let down = self.world.down.lock().unwrap().clone();
                 if down.len() >= (n - 1) / 2 {
@@ -510,10 +509,21 @@ impl Faults {
                 // Node 1 founds the cluster (it has no `--join`): it is never wiped. Nor is a
                 // node that is the only replica of a segment (one opened while it was the only
                 // live node): that copy is all there is (seed 9628).
-                let up: Vec<usize> = (0..n)
-                    .filter(|i| !down.contains(i))
-                    .filter(|&i| !wipe || (i != 0 && !sole_replica(i as u64 + 1, n)))
+                let up: Vec<usize> = (0..n).filter(|i| !down.contains(i)).collect();
+                let wipeable: Vec<usize> = up
+                    .iter()
+                    .copied()
+                    .filter(|&i| wipe && i != 0 && !sole_replica(i as u64 + 1, n))
                     .collect();
+                let up = if wipeable.is_empty() {
+                    wipe = false;
+                    up
+                } else {
+                    wipeable
+                };
+                if !wipe {
+                    kind = ClusterFault::Kill;
+                }
                 if up.is_empty() {
                     return;
                 }

@@ -599,6 +599,35 @@ fn recovery_of_an_even_replica_set_waits_a_while_for_a_majority_of_copies() {
 }
 
 #[test]
+fn copy_patience_counts_over_every_round_of_fencing() {
+    // Two replicas, the other one away: one copy has to do, but only after the patience
+    // (longer than a round: the recovery fences again meanwhile).
+    let patience = 2 * COPY_STALL_TICKS + 3;
+    let mut out = Vec::new();
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2], &mut out)
+        .unwrap()
+        .with_copy_patience(patience);
+    let mut proposed_after = None;
+    for t in 1..=3 * COPY_STALL_TICKS {
+        out.clear();
+        if rec.phase() == &Phase::Fencing {
+            rec.handle(fence_ack(N2, 4), &mut out);
+        }
+        if out.iter().any(|e| matches!(e, Effect::Propose(_))) {
+            proposed_after = Some(t - 1);
+            break;
+        }
+        rec.handle(RecoveryInput::Tick, &mut out);
+        if out.iter().any(|e| matches!(e, Effect::Propose(_))) {
+            proposed_after = Some(t);
+            break;
+        }
+    }
+    assert_eq!(proposed_after, Some(patience));
+    assert_eq!(rec.phase(), &Phase::Proposed { len: 4, donor: N2 });
+}
+
+#[test]
 fn a_seal_by_the_old_leader_ends_the_copying() {
     let mut out = Vec::new();
     let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3], &mut out).unwrap();

@@ -2712,6 +2712,14 @@ impl Node {
                         _ => return,
                     };
                     let answer = node.peers.get(&addr).call(&req, RECOVERY_RPC_TIMEOUT).await;
+                    if let Ok(RpcResponse::Fence(Err(e))) = &answer {
+                        // It lost its disk since the segment opened (or has not caught up
+                        // since it started empty): no copy can be waited for there.
+                        if e == LOST || e == REJOIN_PENDING {
+                            let _ = tx.send((r, RecoveryInput::Lost { from: to }));
+                            return;
+                        }
+                    }
                     let input = match (answer, msg) {
                         (Ok(RpcResponse::Fence(Ok(len))), PeerMsg::Fence { seg, epoch, .. }) => {
                             PeerMsg::FenceAck {

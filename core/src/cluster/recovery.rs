@@ -53,6 +53,13 @@ pub enum RecoveryInput {
         /// The sealed count.
         entries: u64,
     },
+    /// Replica `from` answered the fence that it holds nothing of the segment (it lost its
+    /// disk since the segment opened): it neither counts in the fence quorum nor can it hold
+    /// a copy, so the copies need not wait for it.
+    Lost {
+        /// The replica.
+        from: NodeId,
+    },
     /// Periodic timer: retransmit whatever the current phase waits for.
     Tick,
 }
@@ -109,6 +116,8 @@ pub struct Recovery {
     copy_ticks: u32,
     /// `copy_ticks` after which a fence quorum of copies suffices.
     copy_patience: u32,
+    /// Replicas that answered that they lost the segment.
+    lost: BTreeSet<NodeId>,
 }
 
 impl Recovery {
@@ -132,6 +141,7 @@ impl Recovery {
             phase: Phase::Fencing,
             copy_ticks: 0,
             copy_patience: COPY_PATIENCE_TICKS,
+            lost: BTreeSet::new(),
         };
         r.send_fences(out);
         Some(r)
@@ -202,6 +212,12 @@ impl Recovery {
                 }
             }
             RecoveryInput::Peer(_) => {}
+            RecoveryInput::Lost { from } => {
+                if self.replicas.contains(&from) && !self.fenced.contains_key(&from) {
+                    self.lost.insert(from);
+                    self.enough_copies(out);
+                }
+            }
             RecoveryInput::SegmentSealed { entries } => {
                 if let Phase::Proposed { donor, .. } | Phase::Copying { donor, .. } = self.phase {
                     // If the old leader's own seal won (before or after the copies), it sealed
@@ -274,20 +290,25 @@ impl Recovery {
     }
 
     /// How many replicas must hold the chosen length durably before it is proposed: a
-    /// majority, or once the copy patience ran out a fence quorum (which a recovery can always
+    /// majority (or all of those that did not lose the segment, if fewer), never less than a
+    /// fence quorum; once the copy patience ran out a fence quorum (which a recovery can always
     /// reach when it could fence at all).
     pub fn copies_needed(&self) -> usize {
         let n = self.replicas.len();
         if self.copy_ticks >= self.copy_patience {
             fence_quorum(n)
         } else {
+            // Replicas that lost the segment can take no copy: a majority of the others.
             majority(n)
+                .min(n.saturating_sub(self.lost.len()))
+                .max(fence_quorum(n))
         }
     }
 
     /// Records that fenced replica `from` durably holds `len` entries (lengths of a fenced
     /// replica only grow: the old leader can no longer write to it).
     fn held(&mut self, from: NodeId, len: u64) {
+        self.lost.remove(&from);
         let l = self.fenced.entry(from).or_default();
         *l = (*l).max(len);
     }

@@ -628,6 +628,29 @@ fn copy_patience_counts_over_every_round_of_fencing() {
 }
 
 #[test]
+fn a_replica_that_lost_the_segment_is_not_waited_for() {
+    // Two replicas; N1 lost its disk and answers so: the survivor's copy is all there can be.
+    let mut out = Vec::new();
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2], &mut out)
+        .unwrap()
+        .with_copy_patience(1_000);
+    rec.handle(fence_ack(N2, 4), &mut out);
+    out.clear();
+    rec.handle(RecoveryInput::Lost { from: N1 }, &mut out);
+    assert_eq!(out, recover_proposal(4));
+    // Three replicas, one lost: still two copies (a fence quorum).
+    let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3], &mut out)
+        .unwrap()
+        .with_copy_patience(1_000);
+    rec.handle(RecoveryInput::Lost { from: N1 }, &mut out);
+    rec.handle(fence_ack(N2, 4), &mut out);
+    out.clear();
+    rec.handle(fence_ack(N3, 2), &mut out);
+    assert!(out.iter().all(|e| !matches!(e, Effect::Propose(_))));
+    assert_eq!(rec.copies_needed(), 2);
+}
+
+#[test]
 fn a_seal_by_the_old_leader_ends_the_copying() {
     let mut out = Vec::new();
     let mut rec = Recovery::start(N3, seg(), Epoch(0), &[N1, N2, N3], &mut out).unwrap();

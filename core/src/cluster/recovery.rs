@@ -228,6 +228,7 @@ impl Recovery {
                         donor,
                         done: BTreeSet::new(),
                     };
+                    self.copy_ticks = 0;
                     self.send_seals(out);
                 }
             }
@@ -324,6 +325,8 @@ impl Recovery {
             return false;
         }
         self.phase = Phase::Proposed { len, donor };
+        // Only copying reads it: forgetting it keeps the states after it few.
+        self.copy_ticks = 0;
         out.push(self.proposal(len));
         true
     }

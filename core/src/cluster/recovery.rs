@@ -236,7 +236,12 @@ impl Recovery {
                 Phase::Fencing => self.send_fences(out),
                 Phase::Copying { ticks, .. } => {
                     *ticks += 1;
-                    self.copy_ticks = self.copy_ticks.saturating_add(1);
+                    // Counted up to the patience only: past it nothing reads the count, and an
+                    // unbounded count would make every retransmission a new state for the
+                    // model checker.
+                    if self.copy_ticks < self.copy_patience {
+                        self.copy_ticks += 1;
+                    }
                     if *ticks >= COPY_STALL_TICKS {
                         // No progress: fence again and choose afresh from what the replicas
                         // hold now (a donor that died no longer answers; copies made so far
